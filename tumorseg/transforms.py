@@ -1,0 +1,80 @@
+"""Augmentation pipelines (albumentations) and input normalisation.
+
+Pipelines work on 1-channel uint8 arrays and return uint8: normalisation happens on the device
+(``normalize``), so workers and host-to-device copies move 4x fewer bytes than float32.
+
+- train: ``train_transform(cfg)`` then ``normalize``;
+- eval: the cached arrays as they are (resized once, at cache time) then ``normalize``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from tumorseg.config import TrainConfig  # noqa: E402
+
+# ImageNet statistics, grey equivalent: a 1-channel ResNet initialised from ImageNet sums the
+# RGB filters of conv1 (smp's patch_first_conv), which is exact for a grey image replicated to
+# RGB when the per-channel statistics are replaced by their means.
+IMAGENET_GRAY_MEAN = float(np.mean([0.485, 0.456, 0.406]))  # 0.449
+IMAGENET_GRAY_STD = float(np.mean([0.229, 0.224, 0.225]))  # 0.226
+
+
+def train_transform(cfg: TrainConfig, seed: int | None = None) -> A.Compose:
+    """Flips, small rotation and translation, brightness/contrast jitter (``cfg`` strengths)."""
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.Affine(
+                rotate=(-cfg.rotate_deg, cfg.rotate_deg),
+                translate_percent=(-cfg.translate_frac, cfg.translate_frac),
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                border_mode=cv2.BORDER_CONSTANT,
+                p=0.5,
+            ),
+            A.RandomBrightnessContrast(
+                brightness_limit=cfg.jitter_strength, contrast_limit=cfg.jitter_strength, p=0.5
+            ),
+        ],
+        seed=seed,
+    )
+
+
+def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B, 1, H, W)`` on any device -> float32 normalised with the grey ImageNet stats."""
+    return (images_uint8.float() / 255.0 - IMAGENET_GRAY_MEAN) / IMAGENET_GRAY_STD
+
+
+class AugmentedArrays(torch.utils.data.Dataset):
+    """``(image, mask)`` pairs from in-memory (or memory-mapped) arrays through a pipeline."""
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray, transform: A.Compose | None):
+        self.images, self.masks, self.transform = images, masks, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image, mask = np.asarray(self.images[index]), np.asarray(self.masks[index])
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        # copy: the arrays may be read-only views into the Ray object store or a memmap
+        return torch.from_numpy(np.array(image, np.uint8)[None]), torch.from_numpy(np.array(mask, np.uint8)[None])
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: give each worker its own augmentation stream."""
+    info = torch.utils.data.get_worker_info()
+    transform = info.dataset.transform
+    if transform is not None:
+        transform.set_random_seed(info.seed % 2**32)  # info.seed = loader seed + worker_id

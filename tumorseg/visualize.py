@@ -1,0 +1,64 @@
+"""Prediction overlays: test images with true (green) and predicted (red) outlines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from tumorseg.config import TrainConfig
+from tumorseg.data import Split
+
+TRUE_RGB = (40, 220, 60)
+PRED_RGB = (235, 50, 50)
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """Boundary pixels of a {0,1} mask (foreground pixels with a background 4-neighbour)."""
+    m = np.pad(mask.astype(bool), 1)
+    interior = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    return mask.astype(bool) & ~interior
+
+
+def overlay(image: np.ndarray, true_mask: np.ndarray, pred_mask: np.ndarray) -> Image.Image:
+    rgb = np.repeat(np.asarray(image, np.uint8)[..., None], 3, axis=2)
+    rgb[outline(true_mask)] = TRUE_RGB
+    rgb[outline(pred_mask)] = PRED_RGB
+    return Image.fromarray(rgb)
+
+
+def pick_spread(scores: np.ndarray, count: int) -> list[int]:
+    """Indices of the worst, best and evenly spaced ranks in between (best first)."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    positions = np.unique(np.linspace(0, len(order) - 1, min(count, len(order))).round().astype(int))
+    return [int(order[p]) for p in positions]
+
+
+def prediction_tiles(model, split: Split, cfg: TrainConfig, indices: list[int], labels: list[str]) -> list[Image.Image]:
+    from tumorseg.train import predict_logits
+
+    logits = predict_logits(model, split.images[indices], cfg).cpu().numpy()[:, 0]
+    tiles = []
+    for i, index in enumerate(indices):
+        tile = overlay(split.images[index], split.masks[index], logits[i] > 0).resize((192, 192), Image.Resampling.NEAREST)
+        ImageDraw.Draw(tile).text((4, 4), labels[i], fill=(255, 255, 0))
+        tiles.append(tile)
+    return tiles
+
+
+def grid(tiles: list[Image.Image], columns: int = 4) -> Image.Image:
+    width, height = tiles[0].size
+    rows = (len(tiles) + columns - 1) // columns
+    canvas = Image.new("RGB", (columns * width, rows * height), (0, 0, 0))
+    for i, tile in enumerate(tiles):
+        canvas.paste(tile, ((i % columns) * width, (i // columns) * height))
+    return canvas
+
+
+def save_prediction_grid(path: Path, model, split: Split, cfg: TrainConfig, dice: np.ndarray, count: int = 12) -> list[int]:
+    """A grid of ``count`` test images from best to worst Dice, with outlines; returns the indices."""
+    indices = pick_spread(dice, count)
+    labels = [f"#{i} dice {dice[i]:.2f}" for i in indices]
+    grid(prediction_tiles(model, split, cfg, indices, labels)).save(path)
+    return indices
