@@ -93,8 +93,9 @@ def read_split(split_dir: Path) -> list[ImageRecord]:
         where = f"{path}: annotations[{i}]"
         if not isinstance(ann, dict):
             raise DataError(f"{where} is not an object")
-        if ann.get("image_id") not in images:
-            raise DataError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
+        image_id = ann.get("image_id")
+        if not isinstance(image_id, int) or isinstance(image_id, bool) or image_id not in images:
+            raise DataError(f"{where}: image_id {image_id!r} is not in 'images'")
         if not isinstance(ann.get("category_id"), int) or isinstance(ann.get("category_id"), bool):
             raise DataError(f"{where}: missing or invalid 'category_id'")
         image = images[ann["image_id"]]
@@ -186,7 +187,7 @@ def decode_gray(path: Path, size_px: int | None, expected_hw: tuple[int, int]) -
             return np.asarray(gray, dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(f"image listed in {ANNOTATIONS} but missing: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: unreadable or truncated image ({err})") from None
 
 
@@ -240,6 +241,8 @@ def split_fingerprint(split_dir: Path) -> str:
             digest.update(f"{record.file_name}:{path.stat().st_size}".encode())
         except FileNotFoundError:
             raise DataError(f"image listed in {ANNOTATIONS} but missing: {path}") from None
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: cannot read ({err})") from None
     return digest.hexdigest()[:16]
 
 
