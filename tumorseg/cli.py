@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -22,10 +23,16 @@ def exit_on_user_error(prog: str):
         raise SystemExit(2) from None
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``prog: error: ...``) and exit status 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def parse_int_list(text: str) -> list[int]:
     """``"96,128"`` -> ``[96, 128]`` (for argparse ``type=``)."""
-    import argparse
-
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -33,3 +40,12 @@ def parse_int_list(text: str) -> list[int]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    """``"1e-5,3e-3"`` -> ``(1e-05, 0.003)`` (for argparse ``type=``)."""
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH, got {text!r}") from None
+    return low, high

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tumorseg.cli import exit_on_user_error
+from tumorseg.cli import ArgumentParser, exit_on_user_error
 from tumorseg.config import SEED_REPORTED_TEST_METRICS, TrainConfig
 from tumorseg.data import Split
 from tumorseg.losses import create_loss
@@ -224,12 +224,14 @@ def train(
     resume_state: dict | None = None,
     encoder_state: dict | None = None,
     log: Callable[[str], None] | None = print,
+    progress: bool = False,
 ) -> TrainResult:
     """Train on ``data["train"]``, select by Dice on ``data["valid"]``; knows nothing of Ray.
 
     ``on_epoch(metrics, state_fn)`` is called after every epoch; ``state_fn()`` returns the full
     resumable state (pass it back as ``resume_state`` to continue from that epoch).
     ``encoder_state`` overrides ``cfg.encoder_weights`` (a driver resolves weights once).
+    ``progress`` shows a per-batch progress bar (debug mode).
     """
     from accelerate.utils import set_seed
 
@@ -265,7 +267,12 @@ def train(
     try:
         for epoch in range(start_epoch, cfg.epochs):
             lr = optimizer.param_groups[0]["lr"]
-            train_stats = train_one_epoch(model, loader, criterion, optimizer, schedule, accelerator, cfg)
+            batches = loader
+            if progress:
+                from tqdm.auto import tqdm
+
+                batches = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
+            train_stats = train_one_epoch(model, batches, criterion, optimizer, schedule, accelerator, cfg)
             val, _ = evaluate(eval_model, data["valid"], cfg, criterion, accelerator.autocast)
             schedule.step_epoch(val["loss"])
             improved = val["dice"] > best_dice
@@ -364,8 +371,8 @@ def load_model(path: Path) -> tuple[torch.nn.Module, TrainConfig, dict]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(
-        prog="python -m tumorseg.train",
+    p = ArgumentParser(
+        prog="tumorseg.train",
         description="Train UNet-ResNet18 once; every default is the seed recipe.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
