@@ -1,0 +1,437 @@
+"""The sweep report: one self-contained HTML file (plotly.js inlined, nothing fetched).
+
+    python -m search.report RUN_DIR        # writes RUN_DIR/report.html
+
+Built only from the run's own plain files (``sweep.json``, ``trials.csv``, each trial's
+``result.json`` lines, ``final/metrics.json`` and its PNGs): nothing in the results folder is
+unpickled or executed. Works on finished, interrupted and still-running sweeps; sections whose
+inputs do not exist yet say so.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tumorseg.cli import ArgumentParser, exit_on_user_error
+from tumorseg.config import SEED_REPORTED_TEST_METRICS
+from tumorseg.errors import UserError
+
+from search.run import SWEEP_JSON, TUNE_DIR, read_sweep_json
+from search.space import SearchSpace, distributions
+from search.trials import PARAM_COLUMNS, applicable_params, read_table
+
+MIN_TRIALS_FOR_IMPORTANCE = 10  # below this the importances are shown with a warning
+STATUS_COLOURS = {
+    "COMPLETED": "#2ca02c", "STOPPED_EARLY": "#1f77b4", "FAILED": "#d62728", "ERROR": "#7f0000",
+    "RUNNING": "#ff7f0e", "PENDING": "#999999", "PAUSED": "#bcbd22",
+}
+REPORT_METRICS = ("dice", "iou", "f1", "precision", "recall", "dice_loss")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def load_curves(run_dir: Path, table: pd.DataFrame | None) -> dict[str, pd.DataFrame]:
+    """Per trial id, its reported epochs (from Tune's ``result.json`` lines; plain JSON)."""
+    curves = {}
+    if table is None:
+        return curves
+    for row in table.itertuples():
+        path = Path(run_dir) / TUNE_DIR / str(row.trial_dir) / "result.json"
+        if not path.is_file():
+            continue
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line being written right now
+        frame = pd.DataFrame([r for r in records if "val_dice" in r and not r.get("failure_reason")])
+        if not frame.empty:
+            curves[row.trial_id] = frame.drop_duplicates("epoch", keep="last").sort_values("epoch")
+    return curves
+
+
+def scored_trials(table: pd.DataFrame | None) -> pd.DataFrame:
+    """Trials with a validation score that may enter the study (failed ones excluded)."""
+    if table is None or table.empty:
+        return pd.DataFrame(columns=PARAM_COLUMNS)
+    ok = table[~table["status"].isin(["FAILED", "ERROR"]) & table["best_val_dice"].notna() & (table["epochs_run"] > 0)]
+    return ok.sort_values("trial_index")
+
+
+def rebuild_study(table: pd.DataFrame | None, space: SearchSpace):
+    """An Optuna study with one COMPLETE trial per scored Tune trial (value = best val Dice).
+
+    ASHA-stopped trials enter with the best Dice they reached: the study answers "which
+    parameters went with good validation Dice in this sweep", which is what the search used.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    for row in scored_trials(table).to_dict("records"):
+        params = applicable_params(row)
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions=distributions(space, params),
+                value=float(row["best_val_dice"]),
+                user_attrs={"tune_trial_id": row["trial_id"], "status": row["status"]},
+            )
+        )
+    return study
+
+
+def common_params(study) -> list[str]:
+    """Parameters every trial of ``study`` has (conditional ones drop out unless always sampled)."""
+    names = [set(t.params) for t in study.trials]
+    return sorted(set.intersection(*names)) if names else []
+
+
+def importances(study) -> dict[str, dict[str, float]]:
+    """fANOVA (seeded) and PED-ANOVA importances of the parameters every trial has."""
+    import optuna
+    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
+
+    params = common_params(study)
+    out = {}
+    evaluators = {"fANOVA": FanovaImportanceEvaluator(seed=0), "PED-ANOVA": PedAnovaImportanceEvaluator()}
+    for name, evaluator in evaluators.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                out[name] = optuna.importance.get_param_importances(study, evaluator=evaluator, params=params)
+            except (ValueError, RuntimeError, ZeroDivisionError) as err:
+                out[name] = {"error": str(err)}
+    return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _fig_html(fig) -> str:
+    fig.update_layout(template="plotly_white", margin=dict(l=50, r=20, t=50, b=40), width=None, autosize=True)
+    return fig.to_html(full_html=False, include_plotlyjs=False, config={"responsive": True, "displaylogo": False})
+
+
+def importance_figure(values: dict[str, dict[str, float]]):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, scores in values.items():
+        if "error" in scores:
+            continue
+        params = list(scores)
+        fig.add_bar(name=name, y=params, x=[scores[p] for p in params], orientation="h")
+    fig.update_layout(barmode="group", title="Parameter importance for validation Dice", xaxis_title="importance (normalised)", height=380)
+    return fig
+
+
+def learning_curves_figure(curves: dict[str, pd.DataFrame], table: pd.DataFrame, max_epochs: int):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    shown = set()
+    for row in table.sort_values("trial_index").itertuples():
+        frame = curves.get(row.trial_id)
+        if frame is None:
+            continue
+        colour = STATUS_COLOURS.get(row.status, "#444")
+        fig.add_scatter(
+            x=frame["epoch"], y=frame["val_dice"], mode="lines+markers", line=dict(color=colour, width=1.5),
+            marker=dict(size=4), name=row.status, legendgroup=row.status, showlegend=row.status not in shown,
+            hovertemplate=f"trial {row.trial_index}<br>epoch %{{x}}<br>val Dice %{{y:.4f}}<extra>{row.status}</extra>",
+        )
+        shown.add(row.status)
+        if row.status == "STOPPED_EARLY":
+            last = frame.iloc[-1]
+            fig.add_scatter(
+                x=[last["epoch"]], y=[last["val_dice"]], mode="markers", marker=dict(symbol="x", size=10, color=colour),
+                name="stopped by ASHA", legendgroup="asha", showlegend="asha" not in shown, hoverinfo="skip",
+            )
+            shown.add("asha")
+    fig.update_layout(title="Learning curves: validation Dice per epoch (x: where ASHA stopped a trial)",
+                      xaxis=dict(title="epoch", range=[0.5, max_epochs + 0.5], dtick=1), yaxis_title="val Dice (native resolution)", height=420)
+    return fig
+
+
+def assign_slots(table: pd.DataFrame) -> pd.Series:
+    """A slot per trial: node + GPU ids where known, else the first free lane on its node."""
+    slots = pd.Series("", index=table.index, dtype=object)
+    lanes: dict[str, list[float]] = {}
+    for idx, row in table.sort_values("start_ts").iterrows():
+        node = str(row.get("node_id") or "node")[:8]
+        gpus = row.get("gpu_ids")
+        if isinstance(gpus, str) and gpus not in ("", "nan"):
+            slots[idx] = f"{node} gpu {gpus}"
+            continue
+        ends = lanes.setdefault(node, [])
+        lane = next((i for i, end in enumerate(ends) if end <= row["start_ts"]), len(ends))
+        if lane == len(ends):
+            ends.append(row["end_ts"])
+        else:
+            ends[lane] = row["end_ts"]
+        slots[idx] = f"{node} lane {lane}"
+    return slots
+
+
+def timeline(table: pd.DataFrame, slots_available: int | None = None) -> tuple[object, float | None]:
+    """Gantt chart of trials per slot over wall-clock time, and the slot utilisation in %."""
+    import plotly.graph_objects as go
+
+    timed = table.dropna(subset=["start_ts", "end_ts"]).copy()
+    if timed.empty:
+        return None, None
+    timed["slot"] = assign_slots(timed)
+    t0 = timed["start_ts"].min()
+    span = timed["end_ts"].max() - t0
+    slots = slots_available or timed["slot"].nunique()
+    busy = (timed["end_ts"] - timed["start_ts"]).clip(lower=0).sum()
+    utilisation = 100.0 * busy / (slots * span) if span > 0 else None
+    fig = go.Figure()
+    shown = set()
+    for row in timed.sort_values("trial_index").itertuples():
+        fig.add_bar(
+            y=[row.slot], x=[row.end_ts - row.start_ts], base=[row.start_ts - t0], orientation="h",
+            marker_color=STATUS_COLOURS.get(row.status, "#444"), name=row.status, legendgroup=row.status,
+            showlegend=row.status not in shown, text=[f"t{row.trial_index}"], textposition="inside",
+            hovertemplate=f"trial {row.trial_index} ({row.status})<br>start %{{base:.0f}} s, %{{x:.0f}} s long<extra>{row.slot}</extra>",
+        )
+        shown.add(row.status)
+    title = "Resource timeline: trials per slot"
+    if utilisation is not None:
+        title += f" (slot utilisation {utilisation:.0f}% over {span:.0f} s, {slots} slots)"
+    fig.update_layout(title=title, barmode="overlay", xaxis_title="seconds since the first trial started", height=140 + 40 * timed["slot"].nunique())
+    return fig, utilisation
+
+
+# ----------------------------------------------------------------------------- HTML pieces
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _mean_std(entry: dict | None) -> str:
+    if not entry:
+        return "-"
+    return f"{entry['mean']:.4f} &plusmn; {entry['std']:.4f}"
+
+
+def headline_html(final: dict | None, best: dict | None) -> str:
+    from tumorseg import metrics as metrics_module
+
+    parts = ["<h2>1. Headline</h2>"]
+    if best:
+        params = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in best["params"].items())
+        parts.append(
+            f"<p>Best trial <b>{best['trial_index']}</b> ({html.escape(best['trial_id'])}), validation Dice "
+            f"<b>{best['best_val_dice']:.4f}</b> during the sweep.</p><table class='kv'>{params}</table>"
+        )
+    else:
+        parts.append("<p class='warn'>No best configuration: no trial finished an epoch without failing.</p>")
+    if not final:
+        parts.append("<p class='warn'>No final model yet (the sweep is running, was interrupted, or ran with "
+                     "--no-retrain): run <code>python -m search.retrain RUN_DIR</code>.</p>")
+    else:
+        rows = []
+        for recipe, label in (("best", "best configuration, retrained"), ("seed_recipe", "seed recipe, retrained")):
+            if recipe in final:
+                t = final[recipe]["test"]
+                seeds = len(final[recipe]["seeds"])
+                rows.append(f"<tr><th>{label} ({seeds} seed{'s' if seeds > 1 else ''}, {final[recipe]['resize_px']} px)</th>"
+                            + "".join(f"<td>{_mean_std(t.get(m))}</td>" for m in REPORT_METRICS) + "</tr>")
+        s = SEED_REPORTED_TEST_METRICS
+        rows.append("<tr><th>seed run as originally reported (Kaggle test split)</th><td>-</td><td>-</td>"
+                    f"<td>{s['f1']}</td><td>{s['precision']}</td><td>{s['recall']}</td><td>{s['dice_loss']}</td></tr>")
+        parts.append("<p>Test metrics, each run scored once on the test split after selection on validation:</p>"
+                     "<table class='grid'><tr><th></th>" + "".join(f"<th>{m}</th>" for m in REPORT_METRICS) + "</tr>"
+                     + "".join(rows) + "</table>")
+        for note in final.get("notes", []):
+            parts.append(f"<p class='note'>Note: {html.escape(note)}</p>")
+    parts.append("<details><summary>Metric definitions</summary><pre>"
+                 + html.escape(metrics_module.__doc__.strip()) + "</pre></details>")
+    return "\n".join(parts)
+
+
+def sortable_table_html(table: pd.DataFrame) -> str:
+    shown = table.drop(columns=["trial_dir", "start_ts", "end_ts"], errors="ignore").copy()
+    shown["node_id"] = shown["node_id"].astype(str).str[:8]
+    body = shown.to_html(index=False, classes="grid sortable", na_rep="", float_format=lambda v: f"{v:.4g}", table_id="trials", escape=True)
+    return "<p>Click a column header to sort.</p>" + body
+
+
+SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach(function (th, col) {
+  th.style.cursor = 'pointer';
+  th.addEventListener('click', function () {
+    var tbody = th.closest('table').tBodies[0], rows = Array.from(tbody.rows);
+    var asc = th.dataset.asc !== 'true'; th.dataset.asc = asc;
+    rows.sort(function (a, b) {
+      var x = a.cells[col].textContent, y = b.cells[col].textContent, nx = parseFloat(x), ny = parseFloat(y);
+      var cmp = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+      return asc ? cmp : -cmp;
+    });
+    rows.forEach(function (r) { tbody.appendChild(r); });
+  });
+});
+"""
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; padding: 0 1em; color: #222; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.6em; }
+table.grid { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
+table.grid th, table.grid td { border: 1px solid #ddd; padding: 3px 6px; text-align: right; }
+table.grid th { background: #f4f4f4; }
+table.kv th { text-align: left; padding-right: 1em; } table.kv td { font-family: monospace; }
+.warn { color: #a33; font-weight: 600; } .note { color: #555; font-style: italic; }
+.overlays { display: flex; gap: 1em; flex-wrap: wrap; } .overlays figure { margin: 0; }
+pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+.scroll { overflow-x: auto; }
+"""
+
+
+def _image_html(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def build_report(run_dir: Path) -> Path:
+    """Write ``run_dir/report.html`` and return its path."""
+    import optuna.visualization as ov
+    from plotly.offline import get_plotlyjs
+
+    run_dir = Path(run_dir)
+    sweep = read_sweep_json(run_dir)
+    space = SearchSpace.from_dict(sweep["space"])
+    max_epochs = int(sweep["settings"]["epochs"])
+    table = read_table(run_dir)
+    final_path = run_dir / "final" / "metrics.json"
+    final = json.loads(final_path.read_text()) if final_path.is_file() else None
+    best_path = run_dir / "best_config.json"
+    best = json.loads(best_path.read_text()) if best_path.is_file() else None
+    scored = scored_trials(table)
+    n_trials = 0 if table is None else len(table)
+    sections = [headline_html(final, best)]
+
+    # 2-3: importance, history, parallel coordinates, slices (Optuna on the rebuilt study)
+    sections.append("<h2>2. Parameter importance</h2>")
+    if len(scored) < 2:
+        sections.append(f"<p class='warn'>Not enough scored trials for importances ({len(scored)} of {n_trials}).</p>")
+        values = {}
+    else:
+        study = rebuild_study(table, space)
+        values = importances(study)
+        caveat = "" if len(scored) >= MIN_TRIALS_FOR_IMPORTANCE else (
+            f" <span class='warn'>Only {len(scored)} trials: too few to trust these importances "
+            f"(want at least {MIN_TRIALS_FOR_IMPORTANCE}).</span>")
+        sections.append(
+            f"<p>Computed by Optuna's fANOVA and PED-ANOVA evaluators on a study rebuilt from "
+            f"<b>{len(scored)}</b> scored trials (value: each trial's best validation Dice; trials stopped by "
+            f"ASHA enter with the Dice they reached; failed trials are left out). Conditional parameters are "
+            f"excluded because not every trial has them.{caveat}</p>")
+        if any("error" not in v for v in values.values()):
+            sections.append(_fig_html(importance_figure(values)))
+        for name, scores in values.items():
+            if "error" in scores:
+                sections.append(f"<p class='warn'>{name}: {html.escape(scores['error'])}</p>")
+            else:
+                sections.append(f"<p>{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + "</p>")
+        sections.append("<h2>3. The sweep at a glance</h2>")
+        sections.append(_fig_html(ov.plot_optimization_history(study, target_name="best val Dice")))
+        sections.append(_fig_html(ov.plot_parallel_coordinate(study, target_name="best val Dice")))
+        sections.append("<p>Slice plots: each conditional parameter shows only the trials that sampled it.</p>")
+        sections.append(_fig_html(ov.plot_slice(study, target_name="best val Dice")))
+
+    # 4: learning curves
+    sections.append("<h2>4. Learning curves</h2>")
+    curves = load_curves(run_dir, table)
+    if curves:
+        sections.append(_fig_html(learning_curves_figure(curves, table, max_epochs)))
+    else:
+        sections.append("<p class='warn'>No trial has reported an epoch yet.</p>")
+
+    # 5: resource timeline
+    sections.append("<h2>5. Resource timeline</h2>")
+    fig, utilisation = timeline(table) if table is not None and not table.empty else (None, None)
+    if fig is None:
+        sections.append("<p class='warn'>No trial timings yet.</p>")
+    else:
+        sections.append(f"<p>Overall slot utilisation: <b>{utilisation:.1f}%</b> (trial-seconds / (slots x sweep span)); "
+                        "gaps are idle slots, long bars are stragglers.</p>" if utilisation is not None else "")
+        sections.append(_fig_html(fig))
+
+    # 6: predictions
+    sections.append("<h2>6. Predictions of the final model (test split)</h2>")
+    overlays = [(run_dir / "final" / f"overlay_{name}.png", f"{name} test image by Dice") for name in ("best", "median", "worst")]
+    if all(path.is_file() for path, _ in overlays):
+        sections.append("<p>Green: true tumour box outline; red: predicted outline.</p><div class='overlays'>"
+                        + "".join(_image_html(p, c) for p, c in overlays) + "</div>")
+    else:
+        sections.append("<p class='warn'>No final model yet: the overlays appear after <code>search.retrain</code>.</p>")
+
+    # 7: all trials, the command, the versions
+    sections.append("<h2>7. All trials</h2>")
+    if table is None or table.empty:
+        sections.append("<p class='warn'>No trials recorded yet.</p>")
+    else:
+        failed = table[table["status"].isin(["FAILED", "ERROR"])]
+        if len(failed) == len(table):
+            sections.append(f"<p class='warn'>Every trial failed ({len(table)}): see the reasons below.</p>")
+        sections.append("<div class='scroll'>" + sortable_table_html(table) + "</div>")
+    versions = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in sweep.get("versions", {}).items())
+    sections.append(f"<h3>Command</h3><pre>{html.escape(sweep.get('command', '?'))}</pre>"
+                    f"<h3>Package versions</h3><table class='kv'>{versions}</table>")
+
+    status = "finished" if final else "in progress or interrupted"
+    counts = "" if table is None else ", ".join(f"{v} {k.lower()}" for k, v in table["status"].value_counts().items())
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tumorseg sweep {html.escape(run_dir.name)}</title>
+<style>{CSS}</style>
+<script type="text/javascript">{get_plotlyjs()}</script></head>
+<body>
+<h1>Sweep <code>{html.escape(run_dir.name)}</code></h1>
+<p>{n_trials} trials ({html.escape(counts) or 'none yet'}), up to {max_epochs} epochs each; sweep {status}.
+Report written {time.strftime('%Y-%m-%d %H:%M:%S')} from {html.escape(str(run_dir))}.</p>
+{''.join(sections)}
+<script type="text/javascript">{SORT_JS}</script>
+</body></html>"""
+    out = run_dir / "report.html"
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def main(argv=None) -> None:
+    p = ArgumentParser(prog="search.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", type=Path)
+    args = p.parse_args(argv)
+    with exit_on_user_error("search.report"):
+        if not args.run_dir.is_dir():
+            raise UserError(f"run folder not found: {args.run_dir}")
+        if not (args.run_dir / SWEEP_JSON).is_file():
+            raise UserError(f"{args.run_dir / SWEEP_JSON} not found: is {args.run_dir} a search.run output folder?")
+        print(build_report(args.run_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
