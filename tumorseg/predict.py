@@ -1,0 +1,60 @@
+"""Predict tumour masks with a trained ``model.pt``.
+
+    python -m tumorseg.predict MODEL.pt IMAGE [IMAGE ...] --out DIR
+
+Writes, per image, ``<name>_mask.png`` (native resolution, 0/255) and ``<name>_overlay.png``
+(predicted outline in red). The model file is read with ``weights_only=True``: a file that is not
+a tumorseg model is refused, and nothing in it is ever executed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from tumorseg.cli import ArgumentParser, exit_on_user_error
+from tumorseg.data import decode_gray
+from tumorseg.errors import DataError
+from tumorseg.train import load_model, predict_logits
+from tumorseg.visualize import overlay
+
+
+def predict_file(model, cfg, path: Path) -> np.ndarray:
+    """The predicted {0,1} mask of one image file, at the image's native resolution."""
+    try:
+        with Image.open(path) as image:
+            native_hw = (image.height, image.width)
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except OSError as err:
+        raise DataError(f"{path}: unreadable image ({err})") from None
+    small = decode_gray(path, cfg.resize_px, native_hw)
+    logits = predict_logits(model, small[None], cfg)
+    native = F.interpolate(logits, size=native_hw, mode="bilinear", align_corners=False)
+    return (native[0, 0] > 0).to(torch.uint8).numpy()  # logit > 0 <=> probability > 0.5
+
+
+def main(argv=None) -> None:
+    p = ArgumentParser(prog="tumorseg.predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", type=Path)
+    p.add_argument("images", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, default=Path("results/predict"))
+    args = p.parse_args(argv)
+    with exit_on_user_error("tumorseg.predict"):
+        model, cfg, _ = load_model(args.model)
+        args.out.mkdir(parents=True, exist_ok=True)
+        for path in args.images:
+            mask = predict_file(model, cfg, path)
+            Image.fromarray(mask * 255).save(args.out / f"{path.stem}_mask.png")
+            native = decode_gray(path, None, mask.shape)
+            overlay(native, np.zeros_like(mask), mask).save(args.out / f"{path.stem}_overlay.png")
+            print(f"{path}: {int(mask.sum())} tumour pixels -> {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
