@@ -55,3 +55,35 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path
         cwd=cwd or ROOT,
         env={**os.environ, **(env or {})},
     )
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+TINY_SWEEP = ["--resize-choices", "64", "--encoder-weights", "none", "--batch-size", "8", "--lr-range", "1e-3,5e-3"]
+
+
+def sweep_args(paths: dict, ray_tmp: Path, name: str, *extra: str) -> list[str]:
+    """``python -m search.run`` arguments for a tiny CPU sweep on the session's synthetic data."""
+    return ["-m", "search.run", "--data", str(paths["data"]), "--storage", str(paths["storage"]), "--name", name,
+            "--ray-temp-dir", str(ray_tmp), "--no-dashboard", *TINY_SWEEP, *extra]
+
+
+@pytest.fixture(scope="session")
+def paths(synthetic_dir, tmp_path_factory) -> dict:
+    return {"data": synthetic_dir, "storage": tmp_path_factory.mktemp("results")}
+
+
+@pytest.fixture
+def ray_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ray")  # short: Ray's socket paths must stay under 107 chars
+
+
+@pytest.fixture(scope="session")
+def finished_sweep(paths, tmp_path_factory):
+    """A finished 6-trial sweep (2 logical GPUs, ASHA) with retrain and report: (run_dir, proc)."""
+    ray_tmp = tmp_path_factory.mktemp("ray")
+    args = sweep_args(paths, ray_tmp, "six", "--gpus", "2", "--num-samples", "6", "--epochs", "3",
+                      "--grace-period", "1", "--reduction-factor", "3", "--seed", "1")
+    proc = run_cli(*args, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return paths["storage"] / "six", proc

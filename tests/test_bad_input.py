@@ -1,0 +1,217 @@
+"""Bad input: each case gives one line naming the culprit and exit status 2, never a traceback."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from tumorseg.data import DataError, load_split
+from tumorseg.synthetic import SyntheticSpec, make_synthetic
+
+
+def _coco(root, split="train"):
+    return root / split / "_annotations.coco.json"
+
+
+def _edit(root, change):
+    coco = json.loads(_coco(root).read_text())
+    change(coco)
+    _coco(root).write_text(json.dumps(coco))
+
+
+DATA_CASES = {
+    "folder missing": (lambda r: shutil.rmtree(r), "data folder not found: {root}"),
+    "split missing": (lambda r: shutil.rmtree(r / "valid"), "split folder missing: {root}/valid"),
+    "json missing": (lambda r: _coco(r).unlink(), "annotation file not found: {root}/train/_annotations.coco.json"),
+    "json malformed": (lambda r: _coco(r).write_text('{"images": ['), "{root}/train/_annotations.coco.json: not valid JSON"),
+    "json not coco": (lambda r: _coco(r).write_text("[1, 2, 3]"), "{root}/train/_annotations.coco.json: not a COCO file"),
+    "image listed but missing": (lambda r: (r / "train" / "phantom_train_0002.jpg").unlink(),
+                                 "but missing: {root}/train/phantom_train_0002.jpg"),
+    "image unreadable": (lambda r: (r / "train" / "phantom_train_0004.jpg").write_bytes(b"GIF89a nope"),
+                         "{root}/train/phantom_train_0004.jpg: unreadable or truncated image"),
+    "image truncated": (lambda r: (r / "train" / "phantom_train_0005.jpg").write_bytes(
+        (r / "train" / "phantom_train_0005.jpg").read_bytes()[:700]), "{root}/train/phantom_train_0005.jpg: unreadable or truncated image"),
+    "zero images": (lambda r: _edit(r, lambda c: c.update(images=[], annotations=[])), "_annotations.coco.json: the split has zero images"),
+    "empty polygon": (lambda r: _edit(r, lambda c: c["annotations"][0].update(segmentation=[[]])), "annotations[0]: a polygon needs at least 3"),
+    "degenerate polygon": (lambda r: _edit(r, lambda c: c["annotations"][1].update(segmentation=[[1, 1, 2, 2, 3, 3, 1, 1]])),
+                           "annotations[1]: degenerate polygon"),
+    "category-less annotation": (lambda r: _edit(r, lambda c: c["annotations"][2].pop("category_id")),
+                                 "annotations[2]: missing or invalid 'category_id'"),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_bad_data_gives_one_line_naming_the_file(case, synthetic_dir, tmp_path, capsys):
+    from tumorseg.train import main
+
+    root = tmp_path / "ds"
+    shutil.copytree(synthetic_dir, root)
+    breaker, message = DATA_CASES[case]
+    breaker(root)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(root), "--out", str(tmp_path / "out"), "--encoder-weights", "none", "--epochs", "1", "--resize", "64"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2
+    assert err.startswith("tumorseg.train: error: ") and message.format(root=root) in err
+
+
+CLI_CASES = [
+    (["search.run", "--gpus", "-1"], "--gpus must be >= 0, got -1"),
+    (["search.run", "--num-samples", "0"], "--num-samples must be > 0, got 0"),
+    (["search.run", "--cpus-per-trial", "0"], "--cpus-per-trial must be > 0, got 0"),
+    (["search.run", "--max-concurrent", "-2"], "--max-concurrent must be >= 0, got -2"),
+    (["search.run", "--retrain-seeds", "0"], "--retrain-seeds must be > 0, got 0"),
+    (["search.run", "--gpus", "2", "--gpus-per-trial", "3"], "--gpus-per-trial 3 is more than --gpus 2"),
+    (["search.run", "--gpus", "4", "--gpus-per-trial", "1.5"], "--gpus-per-trial above 1 must be a whole number"),
+    (["search.run", "--loss-types", "dice,focal"], "--loss-types: ['focal']"),
+    (["search.run", "--weight-decay-range", "0.1,0.001"], "--weight-decay-range: low 0.1 > high 0.001"),
+    (["search.run", "--lr-range", "0,1e-3"], "--lr-range: a log-uniform range needs low > 0"),
+    (["search.run", "--epochs", "2", "--grace-period", "3"], "--epochs 2 is smaller than the ASHA --grace-period 3"),
+    (["search.run", "--resume", "--name", "ghost"], "--resume: no sweep named 'ghost'"),
+    (["search.run", "--data", "/no/such/folder"], "--data: folder not found: /no/such/folder"),
+    (["search.run", "--fixed", "colour=red"], "--fixed 'colour=red': expected NAME=VALUE"),
+    (["tumorseg.train", "--batch-size", "-4"], "batch_size must be > 0, got -4"),
+    (["tumorseg.train", "--epochs", "0"], "epochs must be > 0, got 0"),
+    (["tumorseg.train", "--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+    (["search.retrain", "/no/run"], "run folder not found: /no/run"),
+    (["search.report", "/no/run"], "run folder not found: /no/run"),
+]
+
+
+@pytest.mark.parametrize("argv, message", CLI_CASES, ids=[" ".join(a) for a, _ in CLI_CASES])
+def test_bad_flags_exit_2(argv, message, tmp_path):
+    module, *args = argv
+    extra = ["--storage", str(tmp_path)] if module == "search.run" else []
+    proc = run_cli("-m", module, *args, *extra, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert message in proc.stderr
+
+
+def test_space_file_with_unknown_name_exits_2(tmp_path):
+    (tmp_path / "space.yaml").write_text("lr_range: [1.0e-4, 1.0e-2]\nwarmup_range: [0, 3]\n")
+    proc = run_cli("-m", "search.run", "--storage", str(tmp_path), "--space", str(tmp_path / "space.yaml"), timeout=60)
+    assert proc.returncode == 2 and "unknown search-space name(s) warmup_range" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- model files
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file if ever unpickled
+
+
+@pytest.mark.parametrize("kind", ["pickled code", "text", "foreign state dict", "missing"])
+def test_predict_refuses_files_that_are_not_our_models(kind, tmp_path, synthetic_dir):
+    model = tmp_path / "model.pt"
+    marker = tmp_path / "pwned"
+    if kind == "pickled code":
+        torch.save({"format": "tumorseg-model", "model": Evil(str(marker))}, model)
+    elif kind == "text":
+        model.write_text("definitely not a model")
+    elif kind == "foreign state dict":
+        torch.save({"weight": torch.zeros(3)}, model)
+    image = next((synthetic_dir / "test").glob("*.jpg"))
+    proc = run_cli("-m", "tumorseg.predict", str(model), str(image), "--out", str(tmp_path / "out"), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    expected = "model file not found" if kind == "missing" else "not a tumorseg model file"
+    assert expected in proc.stderr and str(model) in proc.stderr
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+FUZZ_CHUNKS = int(os.environ.get("TUMORSEG_FUZZ_CHUNKS", 4))  # 75 cases each; raise it to fuzz harder
+
+JUNK = [None, -1, 0, 3.5, 10**12, "", "x", "../../etc/passwd", "a\x00b", [], {}, True, [[1, 2]], float("nan"), [1e308, 1e308, -1e308, 5, 7, 7]]
+
+
+def _mutate_json(coco, rng):
+    """1-3 random structural mutations of a COCO dict (in place)."""
+    for _ in range(rng.randint(1, 3)):
+        target = coco
+        path = []
+        while isinstance(target, (dict, list)) and target and rng.random() < 0.75:
+            key = rng.choice(list(target)) if isinstance(target, dict) else rng.randrange(len(target))
+            path.append((target, key))
+            target = target[key]
+        if not path:
+            continue
+        parent, key = path[-1]
+        action = rng.random()
+        if action < 0.3 and isinstance(parent, dict):
+            del parent[key]
+        elif action < 0.4 and isinstance(parent, list):
+            parent.append(parent[key])  # duplicate an entry
+        else:
+            parent[key] = rng.choice(JUNK)
+
+
+@pytest.fixture(scope="module")
+def fuzz_base(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("fuzz") / "base", SyntheticSpec(image_px=64, n_train=1, n_valid=8, n_test=1))
+
+
+def _timeout(signum, frame):
+    raise TimeoutError("the loader hung")
+
+
+@pytest.mark.parametrize("chunk", range(FUZZ_CHUNKS))
+def test_fuzzed_annotations_and_jpegs_end_in_data_or_clear_error(chunk, fuzz_base, tmp_path):
+    rng = random.Random(1000 + chunk)
+    original = _coco(fuzz_base, "valid").read_text()
+    jpegs = sorted((fuzz_base / "valid").glob("*.jpg"))
+    outcomes = {"ok": 0, "error": 0}
+    previous = signal.signal(signal.SIGALRM, _timeout)
+    try:
+        for case in range(75):
+            root = tmp_path / f"case{case}"
+            shutil.copytree(fuzz_base, root)
+            kind = rng.random()
+            if kind < 0.55:
+                coco = json.loads(original)
+                _mutate_json(coco, rng)
+                text = json.dumps(coco)
+            else:
+                text = original
+            if rng.random() < 0.15:
+                text = text[: rng.randrange(len(text))]  # a truncated annotation file
+            _coco(root, "valid").write_text(text)
+            if kind >= 0.55:
+                victim = root / "valid" / rng.choice(jpegs).name
+                data = bytearray(victim.read_bytes())
+                if rng.random() < 0.6:
+                    data = data[: rng.randrange(len(data))]
+                else:
+                    for _ in range(rng.randint(1, 20)):
+                        data[rng.randrange(len(data))] = rng.randrange(256)
+                victim.write_bytes(bytes(data))
+            signal.alarm(20)
+            try:
+                split = load_split(root, "valid", 32, native=True, cache_dir=root / "cache")
+            except DataError as err:
+                assert "\n" not in str(err) and str(root) in str(err), str(err)
+                outcomes["error"] += 1
+            else:
+                n = len(json.loads(_coco(root, "valid").read_text())["images"])
+                assert split.images.shape == (n, 32, 32) and split.images.dtype == np.uint8
+                assert set(np.unique(split.masks)) <= {0, 1}
+                assert split.native_masks.shape[0] == n
+                outcomes["ok"] += 1
+            finally:
+                signal.alarm(0)
+            shutil.rmtree(root)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert outcomes["error"] > 10 and outcomes["ok"] > 5, outcomes  # both outcomes were exercised

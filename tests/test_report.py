@@ -1,0 +1,136 @@
+"""The sweep report: builds in every state of a sweep, Optuna's numbers, renders in Chromium."""
+
+import json
+import re
+import shutil
+
+import optuna
+import pandas as pd
+import pytest
+
+from conftest import ROOT, run_cli
+from search.report import build_report, common_params, importances, rebuild_study
+from search.space import SearchSpace, distributions
+from search.trials import applicable_params
+
+ARTIFACTS = ROOT / "results" / "test-artifacts"
+
+
+def _copy(run_dir, tmp_path, name):
+    target = tmp_path / name
+    shutil.copytree(run_dir, target)
+    return target
+
+
+def test_report_from_finished_sweep_matches_its_files(finished_sweep):
+    run_dir, _ = finished_sweep
+    page = build_report(run_dir).read_text()
+    final = json.loads((run_dir / "final" / "metrics.json").read_text())
+    for recipe in ("best", "seed_recipe"):
+        dice = final[recipe]["test"]["dice"]
+        assert f"{dice['mean']:.4f} &plusmn; {dice['std']:.4f}" in page
+    assert "0.199" in page and "0.139" in page and "0.348" in page and "0.7768" in page  # seed's report
+    table = pd.read_csv(run_dir / "trials.csv")
+    best = table.loc[table["best_val_dice"].idxmax()]
+    assert f"validation Dice <b>{best['best_val_dice']:.4f}</b>" in page
+    assert "Metric definitions" in page and "pooled" in page
+    assert "too few to trust" in page  # 6 trials
+    assert page.count("data:image/png;base64,") == 3  # best / median / worst overlays
+    assert "python -m search.run" in page and "segmentation-models-pytorch" in page
+
+
+def test_report_from_interrupted_sweep_says_what_is_missing(finished_sweep, tmp_path):
+    run_dir = _copy(finished_sweep[0], tmp_path, "interrupted")
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "best_config.json").unlink()
+    table = pd.read_csv(run_dir / "trials.csv")
+    table.loc[4:, "status"] = "RUNNING"
+    table.to_csv(run_dir / "trials.csv", index=False)
+    page = build_report(run_dir).read_text()
+    assert "No final model yet" in page and "python -m search.retrain" in page
+    assert "No best configuration" in page
+    assert "Learning curves" in page and "Resource timeline" in page
+
+
+def test_report_when_every_trial_failed(finished_sweep, tmp_path):
+    run_dir = _copy(finished_sweep[0], tmp_path, "all-failed")
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "best_config.json").unlink()
+    table = pd.read_csv(run_dir / "trials.csv")
+    table["status"], table["failure_reason"] = "FAILED", "training loss became non-finite"
+    table.to_csv(run_dir / "trials.csv", index=False)
+    proc = run_cli("-m", "search.report", str(run_dir), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    page = (run_dir / "report.html").read_text()
+    assert "Every trial failed (6)" in page and "Not enough scored trials" in page
+    assert "training loss became non-finite" in page
+
+
+def test_report_of_a_sweep_that_never_started(finished_sweep, tmp_path):
+    run_dir = tmp_path / "empty"
+    run_dir.mkdir()
+    shutil.copyfile(finished_sweep[0] / "sweep.json", run_dir / "sweep.json")
+    page = build_report(run_dir).read_text()
+    assert "No trials recorded yet" in page and "No trial has reported an epoch yet" in page
+
+
+def test_report_cli_bad_folder(tmp_path):
+    proc = run_cli("-m", "search.report", str(tmp_path / "nope"), timeout=60)
+    assert proc.returncode == 2 and "run folder not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_importances_are_optunas_on_the_same_trials(finished_sweep):
+    run_dir, _ = finished_sweep
+    table = pd.read_csv(run_dir / "trials.csv")
+    space = SearchSpace.from_dict(json.loads((run_dir / "sweep.json").read_text())["space"])
+    ours = importances(rebuild_study(table, space))
+
+    direct = optuna.create_study(direction="maximize")  # built here, independently of the report
+    for row in table.to_dict("records"):
+        params = applicable_params(row)
+        direct.add_trial(optuna.trial.create_trial(params=params, distributions=distributions(space, params), value=row["best_val_dice"]))
+    params = common_params(direct)
+    expected = optuna.importance.get_param_importances(
+        direct, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=params)
+    assert ours["fANOVA"] == pytest.approx(expected)
+    expected_ped = optuna.importance.get_param_importances(
+        direct, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), params=params)
+    assert ours["PED-ANOVA"] == pytest.approx(expected_ped)
+    page = (run_dir / "report.html").read_text()
+    assert "fANOVA: " + ", ".join(f"{k} {v:.3f}" for k, v in expected.items()) in page
+
+
+def test_report_is_self_contained(finished_sweep):
+    page = (finished_sweep[0] / "report.html").read_text()
+    assert not re.search(r"<(script|link|img|iframe)[^>]+(src|href)=[\"']?https?://", page)
+    assert "cdn.plot.ly/plotly" not in page.split("</head>")[1]
+
+
+def test_report_renders_in_headless_chromium(finished_sweep):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    page_path = finished_sweep[0] / "report.html"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors, requests = [], []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        page.on("request", lambda req: requests.append(req.url))
+        page.goto(page_path.as_uri())
+        page.wait_for_load_state("load")
+        charts = page.evaluate("document.querySelectorAll('.plotly-graph-div').length")
+        drawn = page.evaluate(
+            "Array.from(document.querySelectorAll('.plotly-graph-div')).filter(d => d.querySelector('.main-svg')).length")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        page.screenshot(path=str(ARTIFACTS / "report-screenshot.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert charts == 6 and drawn == charts  # importance, history, parallel, slices, curves, timeline
+    assert [url for url in requests if not url.startswith(("file:", "data:"))] == []
+    assert width <= 1280  # readable on a laptop: no horizontal overflow

@@ -1,0 +1,207 @@
+"""The sweep: search space, CLI validation, debug mode, a real ASHA sweep, retrain, resume."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import optuna
+import pandas as pd
+import pytest
+
+from conftest import ROOT, run_cli, sweep_args
+from search.space import LOSS_PARAMS, SearchSpace, define_by_run, seed_point
+from tumorseg.errors import ConfigError
+
+# ----------------------------------------------------------------------------- the space
+
+
+def test_conditional_parameters_only_where_they_apply():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    define = define_by_run(SearchSpace())
+    seen = set()
+    for _ in range(60):
+        trial = study.ask()
+        define(trial)
+        loss_type = trial.params["loss_type"]
+        seen.add(loss_type)
+        conditional = set(trial.params) - {"resize_px", "loss_type", "lr", "warmup_epochs", "weight_decay"}
+        assert conditional == set(LOSS_PARAMS[loss_type])
+        study.tell(trial, 0.0)
+    assert seen == {"dice", "dice_bce", "dice_focal"}
+
+
+def test_seed_point_fits_the_space_and_says_what_moved():
+    point, notes = seed_point(SearchSpace())
+    assert point == {"resize_px": 256, "loss_type": "dice_bce", "dice_weight": 0.75, "bce_weight": 1.25,
+                     "lr": 1e-4, "warmup_epochs": 2, "weight_decay": 0.01}
+    assert notes == []
+    point, notes = seed_point(SearchSpace(resize_choices=[96, 128]))
+    assert point["resize_px"] == 128 and "resize 256 is not among [96, 128]: using 128" in notes[0]
+
+
+def test_space_file_typo_and_bad_ranges(tmp_path):
+    (tmp_path / "space.json").write_text(json.dumps({"lr_rnage": [1e-4, 1e-3]}))
+    with pytest.raises(ConfigError, match="unknown search-space name.*lr_rnage"):
+        SearchSpace.from_file(tmp_path / "space.json")
+    (tmp_path / "space.yaml").write_text("resize_choices: [96, 128]\nlr_range: [1.0e-4, 1.0e-3]\n")
+    assert SearchSpace.from_file(tmp_path / "space.yaml").resize_choices == [96, 128]
+    with pytest.raises(ConfigError, match="lr_range: low 0.1 > high 0.01"):
+        SearchSpace(lr_range=(0.1, 0.01))
+
+
+# ----------------------------------------------------------------------------- CLI validation
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gpus", "-1"], "--gpus must be >= 0, got -1"),
+        (["--num-samples", "0"], "--num-samples must be > 0, got 0"),
+        (["--gpus", "2", "--gpus-per-trial", "3"], "--gpus-per-trial 3 is more than --gpus 2"),
+        (["--epochs", "1", "--grace-period", "2"], "--epochs 1 is smaller than the ASHA --grace-period 2"),
+        (["--lr-range", "1e-2,1e-4"], "--lr-range: low 0.01 > high 0.0001"),
+        (["--resize-choices", "100"], "--resize-choices: 100 is not a positive multiple of 32"),
+        (["--fixed", "batch_szie=4"], "--fixed 'batch_szie=4': expected NAME=VALUE"),
+        (["--fixed", "lr=0.1"], "--fixed lr: searched parameter"),
+        (["--gpus", "abc"], "argument --gpus: invalid float value"),
+        (["--resume", "--name", "never-ran"], "--resume: no sweep named 'never-ran'"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(args, message, tmp_path):
+    proc = run_cli("-m", "search.run", "--storage", str(tmp_path), *args, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_space_name_in_file_exits_2(tmp_path):
+    (tmp_path / "space.json").write_text('{"resize_choise": [64]}')
+    proc = run_cli("-m", "search.run", "--storage", str(tmp_path), "--space", str(tmp_path / "space.json"), timeout=60)
+    assert proc.returncode == 2 and "unknown search-space name(s) resize_choise" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- debug mode
+
+
+def test_debug_mode_runs_one_trial_without_ray(paths, tmp_path):
+    code = (
+        "import sys; from search.run import main; "
+        f"main(['--debug', '--data', {str(paths['data'])!r}, '--storage', {str(tmp_path)!r}, '--epochs', '1', "
+        "'--resize-choices', '64', '--encoder-weights', 'none']); "
+        "assert 'ray' not in sys.modules, 'debug mode imported ray'; print('NO_RAY')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "NO_RAY" in proc.stdout and "report: {'epoch': 1" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- a real sweep
+
+
+def test_sweep_stops_weak_trials_and_records_every_trial(finished_sweep):
+    run_dir, proc = finished_sweep
+    table = pd.read_csv(run_dir / "trials.csv")
+    assert len(table) == 6 and table["trial_id"].is_unique
+    assert list(table["trial_index"]) == list(range(6))
+    assert set(table["status"]) <= {"COMPLETED", "STOPPED_EARLY"}
+    stopped = table[table["status"] == "STOPPED_EARLY"]
+    assert len(stopped) >= 1 and (stopped["epochs_run"] < 3).all()
+    assert (table.loc[table["status"] == "COMPLETED", "epochs_run"] == 3).all()
+    assert set(table["gpu_ids"].astype(str)) <= {"0", "1"}  # two logical GPUs, one per trial
+    assert table["node_id"].notna().all() and (table["wall_time_s"] > 0).all()
+    assert "2 logical GPU(s)" in proc.stderr  # this machine has no CUDA device
+
+
+def test_seed_recipe_is_trial_zero(finished_sweep):
+    run_dir, _ = finished_sweep
+    first = pd.read_csv(run_dir / "trials.csv").iloc[0]
+    point, _ = seed_point(SearchSpace(resize_choices=[64], lr_range=(1e-3, 5e-3)))
+    assert first["trial_index"] == 0
+    for name, value in point.items():
+        assert first[name] == pytest.approx(value) if isinstance(value, float) else first[name] == value
+
+
+def test_best_config_retrained_and_scored_once_on_test(finished_sweep):
+    run_dir, _ = finished_sweep
+    table = pd.read_csv(run_dir / "trials.csv")
+    best = json.loads((run_dir / "best_config.json").read_text())
+    assert best["best_val_dice"] == pytest.approx(table["best_val_dice"].max())
+    final = json.loads((run_dir / "final" / "metrics.json").read_text())
+    for recipe in ("best", "seed_recipe"):
+        assert set(final[recipe]["test"]) >= {"dice", "f1", "precision", "recall"}
+        assert final[recipe]["epochs"] == 3 and len(final[recipe]["seeds"]) == 1
+        assert (run_dir / "final" / recipe / "seed0" / "model.pt").is_file()
+    assert final["best"]["params"] == best["params"]
+    assert any("resize 256 is not among [64]" in n for n in final["notes"])
+    for name in ("model.pt", "predictions.png", "overlay_best.png", "overlay_worst.png"):
+        assert (run_dir / "final" / name).is_file()
+    assert (run_dir / "report.html").is_file()
+    # Ray's experiment folder holds one trial folder per trial, with at most one checkpoint each
+    trial_dirs = sorted((run_dir / "tune").glob("trial_*"))
+    assert len(trial_dirs) == 6
+    assert all(len(list(d.glob("checkpoint_*"))) <= 1 for d in trial_dirs)
+
+
+def test_same_name_without_resume_is_refused(finished_sweep, paths, tmp_path):
+    proc = run_cli(*sweep_args(paths, tmp_path, "six"), timeout=60)
+    assert proc.returncode == 2
+    assert "already holds a sweep; continue it with --name six --resume" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _finished_trials(run_dir):
+    path = run_dir / "trials.csv"
+    if not path.is_file():
+        return pd.DataFrame()
+    table = pd.read_csv(path)
+    return table[table["status"].isin(["COMPLETED", "STOPPED_EARLY"])]
+
+
+def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_path):
+    port = _free_port()
+    args = sweep_args(paths, ray_tmp, "resumable", "--gpus", "2", "--num-samples", "6", "--epochs", "3", "--grace-period", "3")
+    args[args.index("--no-dashboard")] = "--dashboard"
+    args += ["--dashboard-port", str(port)]
+    driver = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    run_dir = paths["storage"] / "resumable"
+    dashboard_ok = False
+    try:
+        deadline = time.monotonic() + 600
+        while len(_finished_trials(run_dir)) < 2:
+            assert driver.poll() is None and time.monotonic() < deadline, "sweep ended or hung before two trials finished"
+            if not dashboard_ok:
+                try:  # the dashboard answers while the sweep runs
+                    dashboard_ok = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200
+                except OSError:
+                    pass
+            time.sleep(1)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the whole driver process group, like a lost ssh session
+        driver.wait()
+    assert dashboard_ok
+    before = _finished_trials(run_dir).set_index("trial_id")
+    lines_before = {tid: (run_dir / "tune" / row["trial_dir"] / "result.json").read_text().count("\n") for tid, row in before.iterrows()}
+
+    proc = run_cli(*sweep_args(paths, ray_tmp, "resumable", "--resume", "--no-retrain"), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = pd.read_csv(run_dir / "trials.csv")
+    assert len(after) == 6 and after["trial_id"].is_unique  # nothing duplicated, nothing lost
+    assert set(after["status"]) == {"COMPLETED"}
+    for tid, row in before.iterrows():  # finished trials were not rerun
+        path = run_dir / "tune" / row["trial_dir"] / "result.json"
+        assert path.read_text().count("\n") == lines_before[tid]
+        assert after.set_index("trial_id").loc[tid, "best_val_dice"] == pytest.approx(row["best_val_dice"])
