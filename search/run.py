@@ -24,7 +24,7 @@ from tumorseg.cli import ArgumentParser, exit_on_user_error, parse_int_list, par
 from tumorseg.config import TrainConfig, field_names
 from tumorseg.errors import ConfigError, UserError
 
-from search.space import PARAM_NAMES, SearchSpace, seed_point
+from search.space import PARAM_NAMES, SearchSpace, define_by_run, seed_point
 
 SWEEP_JSON = "sweep.json"
 TUNE_DIR = "tune"  # Ray's experiment folder inside the run folder
@@ -54,6 +54,7 @@ class SweepSettings:
     dashboard_port: int = 8265
     ray_temp_dir: str | None = None
     cache_dir: str | None = None
+    points: list[dict] | None = None  # evaluated first; None: the seed recipe
 
     @property
     def run_dir(self) -> Path:
@@ -98,6 +99,7 @@ def build_parser() -> ArgumentParser:
     t.add_argument("--no-retrain", action="store_true", help="stop after the sweep (run search.retrain later)")
     sp = p.add_argument_group("search space (names: see search/space.py)")
     sp.add_argument("--space", type=Path, default=None, help="JSON/YAML file of search-space overrides")
+    sp.add_argument("--points", type=Path, default=None, help="JSON list of configurations to evaluate first, instead of the seed recipe")
     sp.add_argument("--resize-choices", type=parse_int_list, default=None, help=f"e.g. 96,128 (default {','.join(map(str, s.resize_choices))})")
     sp.add_argument("--loss-types", type=lambda v: [x for x in v.split(",") if x], default=None, help="subset of dice,dice_bce,dice_focal")
     sp.add_argument("--lr-range", type=parse_range, default=None, help=f"LOW,HIGH (default {s.lr_range[0]:g},{s.lr_range[1]:g})")
@@ -137,6 +139,28 @@ def space_from_args(args) -> SearchSpace:
         return space.replace(**changes)
     except ConfigError as err:
         raise ConfigError(f"--{str(err).split(':')[0].replace('_', '-')}:{str(err).split(':', 1)[1]}") from None
+
+
+def read_points(path: Path, space: SearchSpace) -> list[dict]:
+    """``--points FILE``: a JSON list of parameter dicts, each a valid point of ``space``."""
+    import optuna
+
+    try:
+        points = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--points: cannot read {path} as JSON ({err})") from None
+    if not isinstance(points, list) or not points or not all(isinstance(p, dict) for p in points):
+        raise ConfigError(f"--points: {path} must hold a non-empty JSON list of objects")
+    for i, point in enumerate(points):
+        trial = optuna.trial.FixedTrial(point)
+        try:
+            define_by_run(space)(trial)
+        except (ValueError, KeyError) as err:
+            raise ConfigError(f"--points: {path} entry {i} is not a point of the search space ({err})") from None
+        extra = set(point) - set(trial.params)
+        if extra:
+            raise ConfigError(f"--points: {path} entry {i} has parameters the space does not sample: {', '.join(sorted(extra))}")
+    return points
 
 
 def parse_fixed(items: list[str]) -> dict[str, Any]:
@@ -192,6 +216,7 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict]:
     if args.data is not None and not Path(args.data).is_dir():
         raise ConfigError(f"--data: folder not found: {args.data}")
     space = space_from_args(args)
+    points = read_points(args.points, space) if args.points else None
     settings = SweepSettings(
         name=args.name or time.strftime("sweep-%Y%m%d-%H%M%S"),
         storage=args.storage,
@@ -212,6 +237,7 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict]:
         dashboard_port=args.dashboard_port,
         ray_temp_dir=args.ray_temp_dir,
         cache_dir=args.cache_dir,
+        points=points,
     )
     if args.cpus_per_trial is not None:
         settings.cpus_per_trial = args.cpus_per_trial
@@ -320,9 +346,10 @@ def run_debug(settings: SweepSettings, space: SearchSpace, base: dict, explicit_
     encoder_state = load_encoder_state(base["encoder_weights"])
     data = load_search_data(data_dir, [params["resize_px"]], settings.cache_dir)
 
-    def report(metrics: dict, state: dict | None) -> None:
+    def report(metrics: dict, checkpoint_fn) -> None:
         keys = ("epoch", "val_dice", "val_loss", "best_val_dice", "failure_reason")
-        print("report:", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k in keys}, "+ checkpoint" if state else "")
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k in keys}
+        print("report:", shown, "(new best: Tune would checkpoint here)" if checkpoint_fn else "")
 
     run_trial(params, base=base, data=data, report=report, encoder_state=encoder_state, extra={"trial_index": 0}, log=print, progress=True)
 
@@ -348,6 +375,7 @@ def start_ray(settings: SweepSettings) -> None:
             file=sys.stderr,
         )
     context = ray.init(
+        address="local",  # always a new local cluster, never one a `ray start` left running
         num_cpus=os.cpu_count(),
         num_gpus=settings.gpus,
         include_dashboard=settings.dashboard,
@@ -379,6 +407,21 @@ def _cuda_device_count() -> int:
         return 0
 
 
+def check_resources(settings: SweepSettings) -> None:
+    """Refuse a trial shape the cluster can never run (Ray would wait for it forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
+    if settings.cpus_per_trial > cpus:
+        raise ConfigError(f"--cpus-per-trial {settings.cpus_per_trial:g}: the Ray cluster has only {cpus:g} CPUs")
+    if settings.gpus_per_trial > gpus:
+        raise ConfigError(f"--gpus-per-trial {settings.gpus_per_trial:g}: the Ray cluster has only {gpus:g} GPUs")
+    if settings.gpus_per_trial > 1 and settings.cpus_per_trial < settings.gpus_per_trial:
+        raise ConfigError(f"--cpus-per-trial {settings.cpus_per_trial:g}: a trial of {settings.gpus_per_trial:g} "
+                          f"workers needs at least one CPU per worker")
+
+
 def trial_name(trial) -> str:
     """``trial_000`` for the first trial (the seed recipe): Tune's experiment tag starts with 1-based order."""
     return f"trial_{int(trial.experiment_tag.split('_', 1)[0]) - 1:03d}"
@@ -394,21 +437,30 @@ def make_tuner(settings: SweepSettings, space: SearchSpace, base: dict, data, en
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from search.space import define_by_run
-    from search.trainable import tune_trainable
+    from search.trainable import COORDINATOR_CPUS, tune_trainable
     from search.trials import TrialsTableCallback
 
+    import ray
+
+    workers = int(settings.gpus_per_trial) if settings.gpus_per_trial > 1 else 1
+    # data-parallel trials: the Tune trial only waits on its TorchTrainer, whose workers hold the
+    # GPUs and CPUs; Ray needs a non-empty request, so the coordinator takes a token share of CPU
+    resources = {"cpu": COORDINATOR_CPUS} if workers > 1 else {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trainable, base=base, data=data, encoder_state=encoder_state, threads=settings.cpus_per_trial),
-        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
+        tune.with_parameters(
+            tune_trainable, base=base, data_ref={"ref": ray.put(data)}, encoder_state=encoder_state,
+            threads=settings.cpus_per_trial, workers=workers, backend="gloo" if _cuda_device_count() == 0 else None,
+            storage=str(settings.run_dir / TUNE_DIR),
+        ),
+        resources,
     )
     tune_dir = settings.run_dir / TUNE_DIR
     if restore:
         return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
 
-    point, _ = seed_point(space)
+    points = settings.points or [seed_point(space)[0]]
     searcher = OptunaSearch(
-        space=define_by_run(space), metric="val_dice", mode="max", points_to_evaluate=[point], seed=settings.seed
+        space=define_by_run(space), metric="val_dice", mode="max", points_to_evaluate=points, seed=settings.seed
     )
     searcher = ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent or settings.slots())
     scheduler = ASHAScheduler(
@@ -451,6 +503,7 @@ def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, restore: 
     data = load_search_data(data_dir, space.resize_choices, settings.cache_dir)
     print(f"data for sizes {sorted(data)} ready in {time.perf_counter() - t0:.1f}s")
     start_ray(settings)
+    check_resources(settings)
     tuner = make_tuner(settings, space, base, data, encoder_state, restore)
     interrupted = False
     try:

@@ -5,7 +5,11 @@ function. ``tune_trainable`` is the Ray adapter (imports Ray lazily); ``--debug`
 ``run_trial`` directly with a printing ``report``, so a breakpoint in ``tumorseg/train.py`` works.
 
 Per epoch the trial reports native-resolution validation metrics; it hands over a checkpoint
-only when its best validation Dice improves (the resumable state of that epoch). A NaN/inf loss
+only when its best validation Dice improves (the resumable state of that epoch).
+
+With more than one GPU per trial, ``tune_trainable`` launches a Ray Train ``TorchTrainer`` whose
+workers each run the same ``run_trial`` (Accelerate picks up the process group Ray sets up) and
+relays their reports to Tune with ``TuneReportCallback``; only rank 0 writes checkpoints. A NaN/inf loss
 or an out-of-memory error ends the trial at once with ``val_dice = 0`` and a ``failure_reason``:
 retrying the same configuration would fail the same way, so it is recorded, not retried.
 """
@@ -28,7 +32,9 @@ STATE_FILE = "state.pt"
 # "oom:TRIAL" (a CUDA out-of-memory error in the first epoch). See tests/test_faults.py.
 FAULT_ENV = "TUMORSEG_INJECT_FAULT"
 
-Report = Callable[[dict, "dict | None"], None]
+# report(metrics, checkpoint): ``checkpoint`` is None or a function returning the resumable state,
+# so a reporter that does not save (a non-zero rank, the debug printer) never pays for building it.
+Report = Callable[[dict, "Callable[[], dict] | None"], None]
 
 
 def load_search_data(data_dir: Path, resizes: list[int], cache_dir: Path | None = None) -> dict[int, dict[str, Split]]:
@@ -83,7 +89,7 @@ def run_trial(
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         improved = metrics["val_dice"] > best
         best, last_epoch = max(best, metrics["val_dice"]), metrics["epoch"]
-        report({**metrics, **extra}, state_fn() if improved else None)
+        report({**metrics, **extra}, state_fn if improved else None)
         if "raise" in faults and metrics["epoch"] >= faults["raise"]:
             raise RuntimeError(f"injected fault after epoch {metrics['epoch']} ({FAULT_ENV})")
 
@@ -120,36 +126,131 @@ def load_state(directory: Path) -> dict:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def tune_trainable(params: dict, *, base: dict, data, encoder_state=None, threads: int = 1) -> None:
-    """The function Ray Tune runs per trial (bound with ``tune.with_parameters``)."""
+def tune_trainable(params: dict, *, base: dict, data_ref, encoder_state=None, threads: float = 1,
+                   workers: int = 1, backend: str | None = None, storage: str | None = None) -> None:
+    """The function Ray Tune runs per trial (bound with ``tune.with_parameters``).
+
+    ``data_ref`` is ``{"ref": ObjectRef}`` of the ``load_search_data`` dict, put in the object
+    store once by the driver; ``ray.get`` gives every trial (and every worker) zero-copy views.
+    """
     import ray
-    import torch
     from ray import tune
 
-    torch.set_num_threads(max(1, int(threads)))  # Ray gives a trial 1 thread unless told otherwise
     context = tune.get_context()
+    extra = {
+        "trial_start_ts": time.time(),  # this attempt's start, for the report's timeline
+        "trial_index": trial_index(context.get_trial_name()),
+    }
+    if workers > 1:
+        trial_dir = f"{context.get_trial_name()}_{context.get_trial_id()}"  # = search.run.trial_dirname
+        train_storage = os.path.join(storage, trial_dir) if storage else context.get_trial_dir()
+        _run_train_workers(params, base, data_ref, encoder_state, threads, workers, backend, extra, train_storage)
+        return
+    _set_threads(threads)
     restore_state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             restore_state = load_state(directory)
-    extra = {
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
-        "trial_start_ts": time.time(),  # this attempt's start, for the report's timeline
-        "trial_index": trial_index(context.get_trial_name()),
-        "pid": os.getpid(),
-    }
+    extra.update(_placement())
 
-    def report(metrics: dict, state: dict | None) -> None:
-        if state is None:
+    def report(metrics: dict, checkpoint_fn) -> None:
+        if checkpoint_fn is None:
             tune.report(metrics)
             return
         with tempfile.TemporaryDirectory() as directory:
-            save_state(state, directory)
+            save_state(checkpoint_fn(), directory)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
+    data = ray.get(data_ref["ref"])
     run_trial(params, base=base, data=data, report=report, restore_state=restore_state, encoder_state=encoder_state, extra=extra)
+
+
+def _set_threads(threads: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))  # Ray gives a trial 1 thread unless told otherwise
+
+
+def _placement() -> dict:
+    import ray
+
+    return {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
+        "pid": os.getpid(),
+    }
+
+
+def _run_train_workers(params, base, data_ref, encoder_state, threads, workers, backend, extra, storage) -> None:
+    """Data-parallel trial: a ``TorchTrainer`` over ``workers`` GPU workers, reports relayed to Tune.
+
+    Its checkpoints go to ``<trial folder in the sweep's storage>/train/`` (shared storage, not the
+    node's staging folder); when Tune retries the trial, the trainer finds them there and the
+    workers resume from the latest one.
+    """
+    from ray import train, tune
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    # --cpus-per-trial is the trial's total: COORDINATOR_CPUS for this function, the rest split over workers
+    worker_cpus = (threads - COORDINATOR_CPUS) / workers
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"params": params, "base": base, "data_ref": data_ref, "encoder_state": encoder_state,
+                           "threads": worker_cpus, "extra": extra},
+        # one GPU per worker (logical GPUs on a machine without CUDA: then gloo, and workers use the CPU)
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=train.ScalingConfig(num_workers=workers, use_gpu=True, resources_per_worker={"CPU": worker_cpus, "GPU": 1}),
+        run_config=train.RunConfig(
+            name="train",
+            storage_path=storage,
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=train.CheckpointConfig(num_to_keep=1),
+            # a worker group that cannot start (no resources) fails the trial instead of retrying forever;
+            # crashes are retried by Tune's FailureConfig, which restarts this trainer from its checkpoint
+            failure_config=train.FailureConfig(max_failures=0, controller_failure_limit=2),
+        ),
+    )
+    trainer.fit()
+
+
+COORDINATOR_CPUS = 0.01  # what a data-parallel trial's own function holds: it only waits on its trainer
+
+
+def train_worker(config: dict) -> None:
+    """One Ray Train worker of a data-parallel trial: ``run_trial`` on this rank."""
+    import ray
+    from ray import train
+
+    import torch
+
+    _set_threads(round(config["threads"]))
+    if not torch.cuda.is_available():
+        # Ray Train tells Accelerate to use cuda:<local rank> (ACCELERATE_TORCH_DEVICE) even for
+        # logical GPUs; on a worker without CUDA the device is the CPU (gloo process group)
+        os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
+    context = train.get_context()
+    rank = context.get_world_rank()
+    restore_state = None
+    checkpoint = train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            restore_state = load_state(directory)
+    extra = {**config["extra"], **_placement(), "world_size": context.get_world_size()}
+
+    def report(metrics: dict, checkpoint_fn) -> None:
+        # every rank reports (a collective); rank 0 alone builds and hands over the checkpoint
+        if checkpoint_fn is None or rank != 0:
+            train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            save_state(checkpoint_fn(), directory)
+            train.report(metrics, checkpoint=train.Checkpoint.from_directory(directory))
+
+    data = ray.get(config["data_ref"]["ref"])
+    run_trial(config["params"], base=config["base"], data=data, report=report, restore_state=restore_state,
+              encoder_state=config["encoder_state"], extra=extra)
 
 
 def trial_index(name: str) -> int | None:

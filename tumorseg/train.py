@@ -61,11 +61,18 @@ def make_accelerator(cfg: TrainConfig):
     """A fresh ``Accelerator`` for this run (several runs may share one process)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DataLoaderConfiguration
 
     # Accelerate keeps process-wide state; reset it (not the distributed part) between runs.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(mixed_precision=select_mixed_precision(cfg), step_scheduler_with_optimizer=False)
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),  # LOCAL_RANK alone (set by launchers) would mean "a GPU each"
+        mixed_precision=select_mixed_precision(cfg),
+        step_scheduler_with_optimizer=False,
+        # data-parallel: batch_size stays the global batch, each process gets its slice
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -137,7 +144,7 @@ def train_one_epoch(model, loader, criterion, optimizer, schedule, accelerator, 
     model.train()
     loss_sum = torch.zeros((), device=accelerator.device)
     finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
-    images_seen, start = 0, time.perf_counter()
+    images_seen, start, first_step_ts = 0, time.perf_counter(), None
     for step, (images, masks) in enumerate(loader):
         x = to_input(images, accelerator.device, cfg.channels_last)
         y = masks.to(accelerator.device, non_blocking=True)
@@ -147,18 +154,22 @@ def train_one_epoch(model, loader, criterion, optimizer, schedule, accelerator, 
         accelerator.backward(loss)
         optimizer.step()
         schedule.step_batch()
+        if first_step_ts is None:
+            first_step_ts = time.time()  # wall clock: start-up latency is measured against the driver's clock
         loss_sum += loss.detach()
         finite &= torch.isfinite(loss.detach())
         images_seen += len(images)
         if step % 10 == 9 and not finite:  # sync with the device only every 10 steps
             break
     if not finite:
-        raise NonFiniteLossError(f"training loss became non-finite in epoch (lr {optimizer.param_groups[0]['lr']:.3g})")
+        raise NonFiniteLossError(f"training loss became non-finite (lr {optimizer.param_groups[0]['lr']:.3g})")
     elapsed = time.perf_counter() - start
+    loss_mean = accelerator.reduce(loss_sum, "mean").item()  # the mean over processes
     return {
-        "train_loss": loss_sum.item() / max(1, len(loader)),
-        "train_images_per_s": images_seen / elapsed,
+        "train_loss": loss_mean / max(1, len(loader)),
+        "train_images_per_s": images_seen * accelerator.num_processes / elapsed,
         "train_time_s": elapsed,
+        "first_step_ts": first_step_ts,
     }
 
 
@@ -175,18 +186,24 @@ def predict_logits(model, images: np.ndarray, cfg: TrainConfig) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, split: Split, cfg: TrainConfig, criterion=None, autocast=contextlib.nullcontext) -> tuple[dict, np.ndarray]:
+def evaluate(
+    model, split: Split, cfg: TrainConfig, criterion=None, autocast=contextlib.nullcontext, shard: tuple[int, int] = (0, 1)
+) -> tuple[dict, np.ndarray]:
     """Metrics of ``model`` on ``split`` at native resolution (see ``tumorseg.metrics``).
 
     Runs on the model's device. Returns ``(metrics, per_image_counts)``; with ``criterion``,
     ``metrics["loss"]`` is the training loss at training resolution (what ReduceLROnPlateau watches).
+    ``shard=(rank, world)``: this process scores its slice of the images and the counts of all
+    processes are gathered, so every process returns the metrics of the whole split.
     """
     model.eval()
     device = next(model.parameters()).device
     meter = SegmentationMeter(threshold=cfg.threshold)
     loss_sum, batches = 0.0, 0
-    for start in range(0, len(split), cfg.eval_batch_size):
-        index = slice(start, start + cfg.eval_batch_size)
+    rank, world = shard
+    first, last = (len(split) * rank) // world, (len(split) * (rank + 1)) // world
+    for start in range(first, last, cfg.eval_batch_size):
+        index = slice(start, min(start + cfg.eval_batch_size, last))
         x = to_input(torch.from_numpy(np.array(split.images[index])[:, None]), device, cfg.channels_last)
         with autocast():
             logits = model(x).float()
@@ -196,6 +213,12 @@ def evaluate(model, split: Split, cfg: TrainConfig, criterion=None, autocast=con
             batches += 1
         native = F.interpolate(logits, size=split.native_hw, mode="bilinear", align_corners=False)
         meter.update(native, torch.from_numpy(split.native_mask(index)[:, None]).to(device))
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, (meter.counts, meter.soft, loss_sum, batches))
+        meter.counts = [c for part in parts for c in part[0]]  # rank order = image order
+        meter.soft = sum(part[1] for part in parts)
+        loss_sum, batches = sum(part[2] for part in parts), sum(part[3] for part in parts)
     metrics = meter.compute()
     if criterion is not None:
         metrics["loss"] = loss_sum / max(1, batches)
@@ -273,7 +296,8 @@ def train(
 
                 batches = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
             train_stats = train_one_epoch(model, batches, criterion, optimizer, schedule, accelerator, cfg)
-            val, _ = evaluate(eval_model, data["valid"], cfg, criterion, accelerator.autocast)
+            shard = (accelerator.process_index, accelerator.num_processes)
+            val, _ = evaluate(eval_model, data["valid"], cfg, criterion, accelerator.autocast, shard)
             schedule.step_epoch(val["loss"])
             improved = val["dice"] > best_dice
             if improved:
@@ -288,7 +312,7 @@ def train(
                 "best_epoch": best_epoch,
             }
             history.append(metrics)
-            if log:
+            if log and accelerator.is_main_process:
                 log(
                     f"epoch {epoch + 1:3d}/{cfg.epochs}  lr {lr:.2e}  train_loss {metrics['train_loss']:.4f}  "
                     f"val_loss {val['loss']:.4f}  val_dice {val['dice']:.4f}  val_f1 {val['f1']:.4f}  "
