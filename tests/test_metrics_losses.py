@@ -40,8 +40,9 @@ def test_meter_thresholds_probabilities_and_soft_dice_loss():
     pred = np.zeros((4, 4), bool)
     pred[:2, :3] = True  # 6 predicted: TP 4 FP 2
     meter = SegmentationMeter(threshold=0.5)
-    meter.update(logits_from(pred), torch.from_numpy(true)[None, None])
-    meter.update(logits_from(np.zeros((4, 4), bool)), torch.zeros(1, 1, 4, 4))  # empty/empty
+    for update in (meter.update, meter.update_soft):  # same resolution here
+        update(logits_from(pred), torch.from_numpy(true)[None, None])
+        update(logits_from(np.zeros((4, 4), bool)), torch.zeros(1, 1, 4, 4))  # empty/empty
     m = meter.compute()
     assert m["dice"] == pytest.approx((8 / 10 + 1.0) / 2)
     assert m["iou"] == pytest.approx((4 / 6 + 1.0) / 2)
@@ -49,10 +50,13 @@ def test_meter_thresholds_probabilities_and_soft_dice_loss():
     assert m["dice_loss"] == pytest.approx(1 - 8 / 10, abs=1e-6)
 
 
-def test_meter_threshold_is_strict():
+def test_meter_threshold_is_strict_and_applies_to_probabilities():
     meter = SegmentationMeter(threshold=0.5)
     meter.update(torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2))  # p = 0.5 exactly: not tumour
     assert meter.compute()["recall"] == 0.0
+    meter = SegmentationMeter(threshold=0.8)  # logit 1.2 -> p 0.77: below; logit 1.5 -> p 0.82: above
+    meter.update(torch.tensor([1.2, 1.5]).view(1, 1, 1, 2), torch.ones(1, 1, 1, 2))
+    assert meter.compute()["recall"] == 0.5
 
 
 # ----------------------------------------------------------------------------- losses

@@ -101,31 +101,56 @@ def step_images_per_s(size_px: int, precision: str, batch: int = 16, steps: int 
     return batch * steps / (time.perf_counter() - t0)
 
 
+def evaluate_seconds(data_dir: Path, size_px: int) -> float:
+    """Seconds for one validation pass (native-resolution metrics) of an untrained model."""
+    from tumorseg.losses import create_loss
+    from tumorseg.model import create_model
+    from tumorseg.train import evaluate
+
+    cfg = TrainConfig(resize_px=size_px, encoder_weights="none")
+    valid = load_split(data_dir, "valid", size_px, native=True)
+    model = create_model(None).to(memory_format=torch.channels_last)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731 - as in training on this CPU
+    evaluate(model, valid, cfg, create_loss(cfg), autocast)  # warm-up
+    t0 = time.perf_counter()
+    evaluate(model, valid, cfg, create_loss(cfg), autocast)
+    return time.perf_counter() - t0
+
+
 def main(argv=None) -> None:
     p = ArgumentParser(prog="tumorseg.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=Path(os.environ.get("TUMORSEG_DEV_DATA", DEFAULT_DEV_DATA)))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--cache-px", type=int, default=256)
+    p.add_argument("--only", default="cache,eval,loader,step", help="which parts to run")
     args = p.parse_args(argv)
+    only = set(args.only.split(","))
     with exit_on_user_error("tumorseg.bench"):
         if args.threads:
             torch.set_num_threads(args.threads)
         print(f"machine: {machine()}")
         print(f"data: {args.data}")
-        build_s, load_s = bench_cache(args.data, args.cache_px, args.repeats)
-        print(f"cache build ({args.cache_px} px, train+valid+test): {build_s:7.2f} s   (median of {args.repeats})")
-        print(f"cache load  ({args.cache_px} px, train+valid+test): {load_s:7.3f} s")
-        train_256 = load_split(args.data, "train", 256)
-        cfg = TrainConfig(resize_px=256)
-        for workers in (0, 1):
-            rates = [loader_images_per_s(train_256, cfg, workers) for _ in range(args.repeats)]
-            label = "main process" if workers == 0 else "1 worker process"
-            print(f"loader, train augmentations, 256 px, {label:17s}: {statistics.median(rates):8.0f} images/s")
-        for size in (128, 256):
-            for precision in ("fp32", "bf16"):
-                rates = [step_images_per_s(size, precision) for _ in range(args.repeats)]
-                print(f"training step {size} px batch 16 {precision}: {statistics.median(rates):7.1f} images/s")
+        if "cache" in only:
+            build_s, load_s = bench_cache(args.data, args.cache_px, args.repeats)
+            print(f"cache build ({args.cache_px} px, train+valid+test): {build_s:7.2f} s   (median of {args.repeats})")
+            print(f"cache load  ({args.cache_px} px, train+valid+test): {load_s:7.3f} s")
+        if "eval" in only:
+            for size in (128, 256):
+                times = [evaluate_seconds(args.data, size) for _ in range(args.repeats)]
+                print(f"validation pass, {size} px model, metrics at native resolution: {statistics.median(times):6.2f} s")
+        if "loader" in only:
+            train_256 = load_split(args.data, "train", 256)
+            cfg = TrainConfig(resize_px=256)
+            for workers in (0, 1):
+                rates = [loader_images_per_s(train_256, cfg, workers) for _ in range(args.repeats)]
+                label = "main process" if workers == 0 else "1 worker process"
+                print(f"loader, train augmentations, 256 px, {label:17s}: {statistics.median(rates):8.0f} images/s")
+        if "step" in only:
+            for size in (128, 256):
+                for precision in ("fp32", "bf16"):
+                    rates = [step_images_per_s(size, precision) for _ in range(args.repeats)]
+                    print(f"training step {size} px batch 16 {precision}: {statistics.median(rates):7.1f} images/s")
 
 
 if __name__ == "__main__":

@@ -13,15 +13,17 @@ per image ``TP = |P & T|``, ``FP = |P & ~T|``, ``FN = |~P & T|``):
   **These are the seed run's reported numbers** (F1 0.199 = 2 * 0.139 * 0.348 / (0.139 + 0.348)).
 - ``dice_loss``: the soft Dice loss pooled over the split, ``1 - 2 Σ p t / (Σ p + Σ t)`` with
   probabilities ``p``: the split-level analogue of the seed's "Dice loss 0.7768" (smp's DiceLoss
-  pools a batch the same way).
+  pools a batch the same way). Like the seed's, it is measured at the training resolution.
 
-Validation and test metrics are computed at each image's native resolution (logits upsampled
+The thresholded metrics are computed at each image's native resolution (logits upsampled
 bilinearly to it, masks rasterised there from the polygons), so runs trained at different sizes
-are compared on the same pixels.
+are compared on the same pixels. ``p > threshold`` is decided on the logits
+(``logit > log(t / (1 - t))``), which is the same test without a sigmoid per native pixel.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,11 +32,12 @@ import torch
 
 def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image ``(TP, FP, FN)`` as an int64 ``(B, 3)`` tensor from boolean ``(B, ...)`` masks."""
-    pred, target = pred.flatten(1).bool(), target.flatten(1).bool()
-    tp = (pred & target).sum(1)
-    fp = (pred & ~target).sum(1)
-    fn = (~pred & target).sum(1)
-    return torch.stack([tp, fp, fn], 1).long()
+    # Sums of 0/1 floats (exact below 2**24 pixels per image, float64 beyond) with FP = |P| - TP and
+    # FN = |T| - TP: ~2x faster than three boolean masks on 640 x 640 native masks.
+    dtype = torch.float32 if pred[0].numel() < 2**24 else torch.float64
+    pred, target = pred.flatten(1).to(dtype), target.flatten(1).to(dtype)
+    tp, predicted, true = (pred * target).sum(1), pred.sum(1), target.sum(1)
+    return torch.stack([tp, predicted - tp, true - tp], 1).long()
 
 
 def _ratio(num: np.ndarray, den: np.ndarray, empty: float) -> np.ndarray:
@@ -70,11 +73,13 @@ class SegmentationMeter:
     soft: np.ndarray = field(default_factory=lambda: np.zeros(3))  # Σ p t, Σ p, Σ t
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        """``logits`` and ``target`` ``(B, 1, H, W)`` at the same (native) resolution."""
-        probs = torch.sigmoid(logits.float())
-        target = target.to(probs.device)
-        self.counts.append(confusion_counts(probs > self.threshold, target).cpu().numpy())
-        t = target.float()
+        """Counts from ``logits`` and ``target`` ``(B, 1, H, W)`` at the native resolution."""
+        cut = math.log(self.threshold / (1 - self.threshold))  # p > t  <=>  logit > cut
+        self.counts.append(confusion_counts(logits > cut, target.to(logits.device)).cpu().numpy())
+
+    def update_soft(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """Soft Dice sums from ``logits`` and ``target`` at the training resolution."""
+        probs, t = torch.sigmoid(logits.float()), target.to(logits.device).float()
         self.soft += np.array([(probs * t).sum().item(), probs.sum().item(), t.sum().item()])
 
     @property

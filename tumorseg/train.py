@@ -207,8 +207,9 @@ def evaluate(
         x = to_input(torch.from_numpy(np.array(split.images[index])[:, None]), device, cfg.channels_last)
         with autocast():
             logits = model(x).float()
+        target = torch.from_numpy(np.array(split.masks[index])[:, None]).to(device)
+        meter.update_soft(logits, target)
         if criterion is not None:
-            target = torch.from_numpy(np.array(split.masks[index])[:, None]).to(device)
             loss_sum += criterion(logits, target).item()
             batches += 1
         native = F.interpolate(logits, size=split.native_hw, mode="bilinear", align_corners=False)
