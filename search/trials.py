@@ -54,10 +54,7 @@ def trial_row(trial, max_epochs: int, first_start: float | None) -> dict:
     result = trial.last_result or {}
     config = trial.config or {}
     status = trial_status(trial.status, result, max_epochs)
-    analysis = getattr(trial, "metric_analysis", {}).get("val_dice", {})
-    best = result.get("best_val_dice", analysis.get("max"))
-    if status == "FAILED":
-        best = max((h for h in [analysis.get("max")] if h is not None), default=0.0)
+    best = result.get("best_val_dice")
     reason = result.get("failure_reason") or (_error_line(trial) if status == "ERROR" else "")
     start = first_start or result.get("trial_start_ts")
     end = result.get("timestamp")
@@ -67,7 +64,7 @@ def trial_row(trial, max_epochs: int, first_start: float | None) -> dict:
         **{name: config.get(name) for name in PARAM_COLUMNS},
         "best_val_dice": best,
         "last_val_dice": result.get("val_dice"),
-        "epochs_run": result.get("epoch", 0) if not result.get("failure_reason") else max(0, result.get("epoch", 1) - 1),
+        "epochs_run": result.get("epoch", 0),
         "status": status,
         "failure_reason": reason,
         "num_failures": getattr(trial, "num_failures", 0),
