@@ -50,12 +50,13 @@ def fixed_space_args(resize: int, lr: float) -> list[str]:
             "--lr-range", f"{lr},{lr}", "--warmup-epochs-range", "0,0", "--weight-decay-range", "0.01,0.01"]
 
 
-def sweep_efficiency(data: Path, out: Path, k: int, slots: int, epochs: int, resize: int) -> dict:
+def sweep_efficiency(data: Path, out: Path, k: int, slots: int, epochs: int, resize: int, reuse_actors: bool = True) -> dict:
     from search.trainable import load_search_data, run_trial
 
     name = f"efficiency-{int(time.time())}"
     common = ["--data", str(data), "--storage", str(out), "--encoder-weights", "none", "--no-dashboard",
-              "--cpus-per-trial", "1", "--max-concurrent", str(slots), "--num-workers", "0"]
+              "--cpus-per-trial", "1", "--max-concurrent", str(slots), "--num-workers", "0",
+              "--reuse-actors" if reuse_actors else "--no-reuse-actors"]
     args = ["-m", "search.run", "--name", name, "--num-samples", str(k), "--epochs", str(epochs),
             "--grace-period", str(epochs), "--no-retrain", *fixed_space_args(resize, 2e-3), *common]
     driver_wall, _ = _run(args)
@@ -188,6 +189,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("results/bench"))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", default="1,2,3,4", help="which benchmarks to run, e.g. 1,4")
+    p.add_argument("--no-reuse-actors", dest="reuse_actors", action="store_false", help="benchmark 1 without actor reuse")
     args = p.parse_args(argv)
     from search.run import package_versions
     from tumorseg.bench import machine
@@ -201,8 +203,9 @@ def main(argv=None) -> None:
     print(f"machine: {machine()}\ndata: {data}\nversions: ray {package_versions()['ray']}, optuna {package_versions()['optuna']}")
     results = {}
     if 1 in only:
-        r = results["efficiency"] = sweep_efficiency(data, out, k=k, slots=2, epochs=3 * epochs, resize=96)
-        print(f"1. sweep efficiency, K={r['k']} identical trials of {r['epochs']} epochs at {r['resize']} px, S={r['slots']} slots:")
+        r = results["efficiency"] = sweep_efficiency(data, out, k=k, slots=2, epochs=3 * epochs, resize=96, reuse_actors=args.reuse_actors)
+        print(f"1. sweep efficiency, K={r['k']} identical trials of {r['epochs']} epochs at {r['resize']} px, S={r['slots']} slots"
+              f"{'' if args.reuse_actors else ', actor reuse off'}:")
         print(f"   (a) search.run: sweep wall {r['wall_a_s']:.1f} s (driver incl. Ray start {r['driver_wall_s']:.1f} s)")
         print(f"   (b) back-to-back without Ray: {r['sum_b_s']:.1f} s in all, median trial {r['median_trial_b_s']:.1f} s")
         print(f"   overhead = wall(a)*S/sum(b) - 1 = {100 * r['overhead']:+.1f} %   [target <= 15 %]")

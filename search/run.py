@@ -10,6 +10,7 @@ Outputs go to ``--storage/--name`` (see ``results/README.md``). The seed recipe 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -25,6 +26,7 @@ from tumorseg.config import TrainConfig, field_names
 from tumorseg.errors import ConfigError, UserError
 
 from search.space import PARAM_NAMES, SearchSpace, define_by_run, seed_point
+from search.storage import check_visible_from_all_nodes, check_writable, is_uri
 
 SWEEP_JSON = "sweep.json"
 TUNE_DIR = "tune"  # Ray's experiment folder inside the run folder
@@ -55,16 +57,27 @@ class SweepSettings:
     ray_temp_dir: str | None = None
     cache_dir: str | None = None
     points: list[dict] | None = None  # evaluated first; None: the seed recipe
+    reuse_actors: bool = True  # run the next trial in a finished trial's warm process (no re-imports)
 
     @property
     def run_dir(self) -> Path:
+        """The local folder of the driver's files (for a URI storage: ``results/<name>``)."""
+        if is_uri(self.storage):
+            return Path("results").resolve() / self.name
         return Path(self.storage).expanduser().resolve() / self.name
 
-    def slots(self) -> int:
-        """Trials that can run at once under the requested resources."""
+    @property
+    def ray_root(self) -> str:
+        """Where Ray writes ``tune/`` (results and checkpoints of every node)."""
+        if is_uri(self.storage):
+            return f"{self.storage.rstrip('/')}/{self.name}"
+        return str(self.run_dir)
+
+    def slots(self, cpus: float | None = None) -> int:
+        """Trials that can run at once: by GPUs, else by ``cpus`` (default: this machine's)."""
         if self.gpus_per_trial > 0:
             return max(1, int(self.gpus // self.gpus_per_trial + 1e-9))
-        return max(1, int((os.cpu_count() or 1) // max(self.cpus_per_trial, 1e-9)))
+        return max(1, int((cpus or os.cpu_count() or 1) // max(self.cpus_per_trial, 1e-9)))
 
 
 def build_parser() -> ArgumentParser:
@@ -85,10 +98,12 @@ def build_parser() -> ArgumentParser:
     r.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial, also its torch threads (default: CPUs / slots)")
     r.add_argument("--max-concurrent", type=int, default=0, help="at most this many trials at once (default: as resources allow)")
     r.add_argument("--address", default=None, help="attach to a running Ray cluster (auto | HOST:PORT) instead of starting one")
-    r.add_argument("--dashboard", action=__import__("argparse").BooleanOptionalAction, default=True, help="serve the Ray dashboard")
+    r.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True, help="serve the Ray dashboard")
     r.add_argument("--dashboard-host", default="127.0.0.1", help="dashboard bind address (0.0.0.0 exposes it: keep token auth on)")
     r.add_argument("--dashboard-port", type=int, default=8265)
     r.add_argument("--ray-temp-dir", default=None, help="Ray's session/log folder (default: Ray's /tmp/ray)")
+    r.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=True,
+                   help="start the next trial in a finished trial's process (saves Python and torch start-up)")
     t = p.add_argument_group("search and scheduling")
     t.add_argument("--num-samples", type=int, default=16, help="trials to run (the seed recipe is the first)")
     t.add_argument("--epochs", type=int, default=d.epochs, help="epoch budget of a trial (ASHA max_t) and of the retrain")
@@ -238,6 +253,7 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict]:
         ray_temp_dir=args.ray_temp_dir,
         cache_dir=args.cache_dir,
         points=points,
+        reuse_actors=args.reuse_actors,
     )
     if args.cpus_per_trial is not None:
         settings.cpus_per_trial = args.cpus_per_trial
@@ -263,17 +279,6 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict]:
 
 
 # ----------------------------------------------------------------------------- run folder
-
-
-def check_storage_writable(run_dir: Path) -> None:
-    """Fail before any trial starts when results could not be written."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"--storage: cannot write to {run_dir} ({err.strerror or err})") from None
 
 
 def write_sweep_json(run_dir: Path, settings: SweepSettings, space: SearchSpace, base: dict, notes: list[str], argv: list[str]) -> None:
@@ -302,7 +307,9 @@ def read_sweep_json(run_dir: Path) -> dict:
 def load_sweep(run_dir: Path) -> tuple[SweepSettings, SearchSpace, dict, dict]:
     payload = read_sweep_json(run_dir)
     settings = SweepSettings(**payload["settings"])
-    settings.storage = str(Path(run_dir).resolve().parent)  # the folder may have moved
+    if not is_uri(settings.storage):
+        settings.storage = str(Path(run_dir).resolve().parent)  # the folder may have moved
+    settings.name = Path(run_dir).resolve().name
     return settings, SearchSpace.from_dict(payload["space"]), payload["base_config"], payload
 
 
@@ -355,6 +362,17 @@ def run_debug(settings: SweepSettings, space: SearchSpace, base: dict, explicit_
 
 
 # ----------------------------------------------------------------------------- the sweep
+
+
+def use_auth_token(settings: SweepSettings) -> None:
+    """Attaching to a cluster: send Ray's auth token whenever one is at hand.
+
+    A driver only sends it with RAY_AUTH_MODE=token, which Ray reads when it is imported, so this
+    runs before anything imports Ray; clusters started with `ray start` require it.
+    """
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if settings.address and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def start_ray(settings: SweepSettings) -> None:
@@ -450,19 +468,20 @@ def make_tuner(settings: SweepSettings, space: SearchSpace, base: dict, data, en
         tune.with_parameters(
             tune_trainable, base=base, data_ref={"ref": ray.put(data)}, encoder_state=encoder_state,
             threads=settings.cpus_per_trial, workers=workers, backend="gloo" if _cuda_device_count() == 0 else None,
-            storage=str(settings.run_dir / TUNE_DIR),
+            storage=f"{settings.ray_root}/{TUNE_DIR}",
         ),
         resources,
     )
-    tune_dir = settings.run_dir / TUNE_DIR
     if restore:
-        return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        return tune.Tuner.restore(f"{settings.ray_root}/{TUNE_DIR}", trainable=trainable, resume_unfinished=True, resume_errored=False)
 
     points = settings.points or [seed_point(space)[0]]
     searcher = OptunaSearch(
         space=define_by_run(space), metric="val_dice", mode="max", points_to_evaluate=points, seed=settings.seed
     )
-    searcher = ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent or settings.slots())
+    # the cap: --max-concurrent, else what --gpus allows, else the (attached) cluster's CPUs
+    slots = settings.slots(cpus=ray.cluster_resources().get("CPU"))
+    searcher = ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent or slots)
     scheduler = ASHAScheduler(
         time_attr="epoch",
         metric="val_dice",
@@ -477,12 +496,13 @@ def make_tuner(settings: SweepSettings, space: SearchSpace, base: dict, data, en
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=settings.num_samples,
+            reuse_actors=settings.reuse_actors,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=TUNE_DIR,
-            storage_path=str(settings.run_dir),
+            storage_path=settings.ray_root,
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[TrialsTableCallback(settings.run_dir, settings.epochs)],
@@ -493,6 +513,7 @@ def make_tuner(settings: SweepSettings, space: SearchSpace, base: dict, data, en
 
 def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, restore: bool) -> bool:
     """Run (or continue) the Tune experiment; True when every trial finished."""
+    use_auth_token(settings)
     from search.trainable import load_search_data
     from search.trials import FINISHED, read_table
     from tumorseg.model import load_encoder_state
@@ -504,12 +525,18 @@ def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, restore: 
     print(f"data for sizes {sorted(data)} ready in {time.perf_counter() - t0:.1f}s")
     start_ray(settings)
     check_resources(settings)
+    if not is_uri(settings.storage):
+        check_visible_from_all_nodes(settings.run_dir)
     tuner = make_tuner(settings, space, base, data, encoder_state, restore)
     interrupted = False
     try:
         tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
+    if is_uri(settings.storage):  # learning curves for the report
+        from search.storage import download_trial_results
+
+        download_trial_results(f"{settings.ray_root}/{TUNE_DIR}", settings.run_dir / TUNE_DIR)
     table = read_table(settings.run_dir)
     done = table is not None and len(table) >= settings.num_samples and table["status"].isin(FINISHED).all()
     return done and not interrupted
@@ -552,18 +579,23 @@ def _main(args, argv: list[str]) -> None:
             run_debug(settings, space, base, explicit_epochs="--epochs" in argv)
             return
         run_dir = settings.run_dir
-        tune_dir = run_dir / TUNE_DIR
+        if args.resume and is_uri(settings.storage) and not (run_dir / SWEEP_JSON).is_file():
+            from search.storage import download
+
+            download(settings.ray_root, run_dir, only=(SWEEP_JSON, "trials.csv", "best_config.json", "final"))
         if args.resume:
-            if not (run_dir / SWEEP_JSON).is_file() or not tune_dir.is_dir():
-                raise ConfigError(f"--resume: no sweep named {settings.name!r} under {Path(settings.storage).resolve()} (nothing to resume)")
+            if not (run_dir / SWEEP_JSON).is_file():
+                raise ConfigError(f"--resume: no sweep named {settings.name!r} under {settings.storage} (nothing to resume)")
+            storage = settings.storage
             settings, space, base, _ = load_sweep(run_dir)
+            settings.storage = storage if is_uri(storage) else settings.storage
             print(f"resuming {run_dir}")
-        elif (run_dir / SWEEP_JSON).exists() or tune_dir.exists():
+        elif (run_dir / SWEEP_JSON).exists() or (run_dir / TUNE_DIR).exists():
             raise ConfigError(
                 f"--name {settings.name!r}: {run_dir} already holds a sweep; continue it with "
                 f"--name {settings.name} --resume, or choose another --name"
             )
-        check_storage_writable(run_dir)
+        check_writable(settings.storage, run_dir)
         point, notes = seed_point(space)
         if not args.resume:
             write_sweep_json(run_dir, settings, space, base, notes, argv)
@@ -577,6 +609,7 @@ def _main(args, argv: list[str]) -> None:
             print(f"sweep interrupted: what finished is in {run_dir}/trials.csv; continue with "
                   f"python -m search.run --name {settings.name} --storage {settings.storage} --resume", file=sys.stderr)
             _report(run_dir)
+            _upload(settings)
             raise SystemExit(130)
         if best is None:
             print("every trial failed: no best configuration (see trials.csv for the reasons)", file=sys.stderr)
@@ -587,6 +620,15 @@ def _main(args, argv: list[str]) -> None:
 
             retrain(run_dir)
         _report(run_dir)
+        _upload(settings)
+
+
+def _upload(settings: SweepSettings) -> None:
+    if is_uri(settings.storage):
+        from search.storage import upload
+
+        upload(settings.run_dir, settings.ray_root)
+        print(f"uploaded {settings.run_dir} to {settings.ray_root}")
 
 
 def _report(run_dir: Path) -> None:
