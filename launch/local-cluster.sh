@@ -15,6 +15,8 @@ HEAD_PORT=${TUMORSEG_HEAD_PORT:-6390}
 BASE=${TUMORSEG_NODE_PORT_BASE:-21000}  # node i uses ports BASE+100*i .. BASE+100*i+99
 TEMP_DIR=${TUMORSEG_RAY_TEMP_DIR:-/tmp/ray-tumorseg}
 export RAY_USAGE_STATS_ENABLED=0
+# token authentication on for every process of this cluster (and the drivers that attach to it)
+export RAY_AUTH_MODE=token
 
 node_ports() {  # ports for node $1 (0 = head)
   local b=$((BASE + 100 * $1))
@@ -24,6 +26,7 @@ node_ports() {  # ports for node $1 (0 = head)
 case "${1:-}" in
   start)
     workers=${2:-1}; cpus=${3:-1}; gpus=${4:-1}
+    [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ] || ray get-auth-token --generate >/dev/null
     # shellcheck disable=SC2046
     ray start --head --port="$HEAD_PORT" --temp-dir="$TEMP_DIR" --num-cpus="$cpus" --num-gpus="$gpus" \
       --include-dashboard=false $(node_ports 0) --disable-usage-stats >/dev/null
@@ -41,7 +44,14 @@ case "${1:-}" in
     echo "killed worker node ${2} (raylet on port $port)"
     ;;
   stop)
-    ray stop --force >/dev/null 2>&1 || true
+    # only this cluster's processes (their command lines name its temp dir); `ray stop` would also
+    # end every other Ray instance on the machine
+    for _ in 1 2 3; do
+      pkill -TERM -f -- "$TEMP_DIR/session_" 2>/dev/null || true
+      pkill -TERM -f -- "--port=$HEAD_PORT" 2>/dev/null || true
+      sleep 1
+    done
+    pkill -KILL -f -- "$TEMP_DIR/session_" 2>/dev/null || true
     echo "Ray cluster stopped"
     ;;
   *)
