@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import numpy as np
+import torch
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from tumorseg.config import TrainConfig  # noqa: E402
+from tumorseg.config import TrainConfig
 
 # ImageNet statistics, grey equivalent: a 1-channel ResNet initialised from ImageNet sums the
 # RGB filters of conv1 (smp's patch_first_conv), which is exact for a grey image replicated to
@@ -27,8 +23,12 @@ IMAGENET_GRAY_MEAN = float(np.mean([0.485, 0.456, 0.406]))  # 0.449
 IMAGENET_GRAY_STD = float(np.mean([0.229, 0.224, 0.225]))  # 0.226
 
 
-def train_transform(cfg: TrainConfig, seed: int | None = None) -> A.Compose:
+def train_transform(cfg: TrainConfig, seed: int | None = None):
     """Flips, small rotation and translation, brightness/contrast jitter (``cfg`` strengths)."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home at import
+    import albumentations as A  # here, not at the top: normalize() is used where it is not installed
+    import cv2
+
     return A.Compose(
         [
             A.HorizontalFlip(p=0.5),
@@ -57,7 +57,7 @@ def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
 class AugmentedArrays(torch.utils.data.Dataset):
     """``(image, mask)`` pairs from in-memory (or memory-mapped) arrays through a pipeline."""
 
-    def __init__(self, images: np.ndarray, masks: np.ndarray, transform: A.Compose | None):
+    def __init__(self, images: np.ndarray, masks: np.ndarray, transform=None):
         self.images, self.masks, self.transform = images, masks, transform
 
     def __len__(self) -> int:
