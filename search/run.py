@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -222,7 +223,7 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict]:
         raise ConfigError(f"--gpus-per-trial above 1 must be a whole number, got {gpus_per_trial:g}")
     if args.gpus > 0 and gpus_per_trial == 0:
         raise ConfigError("--gpus-per-trial 0 with --gpus > 0 would leave the GPUs idle")
-    if args.grace_period > args.epochs:
+    if args.grace_period > args.epochs and not args.debug:  # no ASHA in debug mode
         raise ConfigError(f"--epochs {args.epochs} is smaller than the ASHA --grace-period {args.grace_period}")
     if args.cpus_per_trial is not None:
         positive("--cpus-per-trial", args.cpus_per_trial)
@@ -533,6 +534,10 @@ def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, restore: 
         tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
+    finally:
+        # Tune installs its own SIGINT handler for a graceful stop and leaves it in place; give
+        # Ctrl-C back to Python so the retrain stage can be interrupted (and resumed) too
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if is_uri(settings.storage):  # learning curves for the report
         from search.storage import download_trial_results
 

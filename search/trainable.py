@@ -27,9 +27,11 @@ from tumorseg.config import TrainConfig
 from tumorseg.data import Split, load_split
 
 STATE_FILE = "state.pt"
-# Test-only fault injection, comma-separated: "raise@EPOCH:TRIAL" (raise after every epoch >=
-# EPOCH of trial TRIAL), "nan:TRIAL" (a learning rate that makes the loss non-finite),
-# "oom:TRIAL" (a CUDA out-of-memory error in the first epoch). See tests/test_faults.py.
+# Test-only fault injection, comma-separated, per trial index: "raise@E:T" (trial T raises in
+# every epoch >= E, before reporting it: retries cannot help), "crash@E:T" (trial T raises once,
+# after reporting epoch E, on its first attempt: the retry resumes from the checkpoint),
+# "nan:T" (a learning rate that makes the loss non-finite), "oom:T" (CUDA out of memory in the
+# first epoch). See tests/test_faults.py.
 FAULT_ENV = "TUMORSEG_INJECT_FAULT"
 
 # report(metrics, checkpoint): ``checkpoint`` is None or a function returning the resumable state,
@@ -87,11 +89,13 @@ def run_trial(
             import torch
 
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        if "raise" in faults and metrics["epoch"] >= faults["raise"]:
+            raise RuntimeError(f"injected fault in epoch {metrics['epoch']} ({FAULT_ENV})")
         improved = metrics["val_dice"] > best
         best, last_epoch = max(best, metrics["val_dice"]), metrics["epoch"]
         report({**metrics, **extra}, state_fn if improved else None)
-        if "raise" in faults and metrics["epoch"] >= faults["raise"]:
-            raise RuntimeError(f"injected fault after epoch {metrics['epoch']} ({FAULT_ENV})")
+        if "crash" in faults and metrics["epoch"] == faults["crash"] and restore_state is None:
+            raise RuntimeError(f"injected one-off crash after epoch {metrics['epoch']} ({FAULT_ENV})")
 
     try:
         train(cfg, data[cfg.resize_px], on_epoch, resume_state=restore_state, encoder_state=encoder_state, log=log, progress=progress)

@@ -152,7 +152,9 @@ class TrialsTableCallback(_tune_callback_base()):
         if not force and now - self._last_write < self.min_interval_s:
             return
         self._last_write = now
-        rows = dict(self._previous)
+        # rows of an earlier run of this sweep: finished ones stay; unfinished ones only if Tune
+        # restored that trial (one created just before the driver died may not have been saved)
+        rows = {tid: row for tid, row in self._previous.items() if row.get("status") in FINISHED}
         for trial in trials:
             row = trial_row(trial, self.max_epochs, self._starts.get(trial.trial_id))
             old = rows.get(trial.trial_id)

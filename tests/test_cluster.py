@@ -78,8 +78,8 @@ def two_nodes(tmp_path_factory):
         assert left.stdout.strip() == "", "Ray processes left behind"
 
 
-def test_sweep_on_two_nodes_uses_both_and_shares_storage(two_nodes, paths, tmp_path):
-    args = sweep_args(paths, tmp_path, "two-nodes", "--address", two_nodes["address"], "--gpus", "2",
+def test_sweep_on_two_nodes_uses_both_and_shares_storage(two_nodes, paths, ray_tmp):
+    args = sweep_args(paths, ray_tmp, "two-nodes", "--address", two_nodes["address"], "--gpus", "2",
                       "--num-samples", "4", "--epochs", "2", "--grace-period", "2", "--no-retrain", *FIXED)
     proc = run_cli(*args, env={"PYTHONPATH": str(ROOT)}, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -93,8 +93,8 @@ def test_sweep_on_two_nodes_uses_both_and_shares_storage(two_nodes, paths, tmp_p
         assert (trial_dir / "result.json").is_file() and list(trial_dir.glob("checkpoint_*/state.pt"))
 
 
-def test_losing_a_node_retries_its_trials_from_checkpoints(two_nodes, paths, tmp_path):
-    args = sweep_args(paths, tmp_path, "node-loss", "--address", two_nodes["address"], "--gpus", "2",
+def test_losing_a_node_retries_its_trials_from_checkpoints(two_nodes, paths, ray_tmp):
+    args = sweep_args(paths, ray_tmp, "node-loss", "--address", two_nodes["address"], "--gpus", "2",
                       "--num-samples", "4", "--epochs", "4", "--grace-period", "4", "--no-retrain", *FIXED)
     import sys
 
@@ -138,8 +138,8 @@ def _head_node_id(cluster) -> str:
 # ----------------------------------------------------------------------------- data-parallel trials
 
 
-def _single_trial(paths, tmp_path, name, gpus, gpus_per_trial):
-    args = sweep_args(paths, tmp_path, name, "--gpus", str(gpus), "--gpus-per-trial", str(gpus_per_trial),
+def _single_trial(paths, ray_tmp, name, gpus, gpus_per_trial):
+    args = sweep_args(paths, ray_tmp, name, "--gpus", str(gpus), "--gpus-per-trial", str(gpus_per_trial),
                       "--cpus-per-trial", "2", "--num-samples", "1", "--epochs", "2", "--grace-period", "2", "--no-retrain", *FIXED)
     proc = run_cli(*args, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -148,12 +148,12 @@ def _single_trial(paths, tmp_path, name, gpus, gpus_per_trial):
     return trial_dir, [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
 
 
-def test_two_worker_trial_matches_one_worker_and_its_checkpoint_loads(paths, tmp_path):
+def test_two_worker_trial_matches_one_worker_and_its_checkpoint_loads(paths, ray_tmp):
     from search.trainable import load_state
     from tumorseg.model import create_model
 
-    single_dir, single = _single_trial(paths, tmp_path, "one-worker", gpus=1, gpus_per_trial=1)
-    pair_dir, pair = _single_trial(paths, tmp_path, "two-workers", gpus=2, gpus_per_trial=2)
+    single_dir, single = _single_trial(paths, ray_tmp, "one-worker", gpus=1, gpus_per_trial=1)
+    pair_dir, pair = _single_trial(paths, ray_tmp, "two-workers", gpus=2, gpus_per_trial=2)
     assert [r["world_size"] for r in pair] == [2, 2] and "world_size" not in single[0]
     # same data, seed and global batch; each worker sees half of it (gloo on CPU): the curves agree
     for one, two in zip(single, pair):
@@ -170,9 +170,9 @@ def test_two_worker_trial_matches_one_worker_and_its_checkpoint_loads(paths, tmp
 # ----------------------------------------------------------------------------- storage
 
 
-def test_uri_storage_holds_every_result(paths, tmp_path):
+def test_uri_storage_holds_every_result(paths, tmp_path, ray_tmp):
     store = tmp_path / "bucket"
-    args = sweep_args(paths, tmp_path / "ray", "via-uri", "--num-samples", "2", "--epochs", "1", "--grace-period", "1",
+    args = sweep_args(paths, ray_tmp, "via-uri", "--num-samples", "2", "--epochs", "1", "--grace-period", "1",
                       "--retrain-seeds", "1", *FIXED)
     args[args.index("--storage") + 1] = store.as_uri()  # file:///...: the same pyarrow path as s3://
     proc = run_cli(*args, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)}, timeout=900)

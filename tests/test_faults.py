@@ -14,11 +14,12 @@ from conftest import ROOT, run_cli, sweep_args
 
 @pytest.fixture(scope="module")
 def faulty_sweep(paths, tmp_path_factory):
-    """Trial 1's loss goes NaN, trial 2 runs out of memory, trial 3 crashes after every epoch >= 2."""
+    """Trial 1's loss goes NaN, trial 2 runs out of memory, trial 3 crashes in every epoch >= 2,
+    trial 4 crashes once after epoch 2."""
     ray_tmp = tmp_path_factory.mktemp("ray")
-    args = sweep_args(paths, ray_tmp, "faulty", "--gpus", "2", "--num-samples", "5", "--epochs", "3",
+    args = sweep_args(paths, ray_tmp, "faulty", "--gpus", "2", "--num-samples", "6", "--epochs", "3",
                       "--grace-period", "3", "--max-failures", "1")
-    proc = run_cli(*args, env={"TUMORSEG_INJECT_FAULT": "nan:1,oom:2,raise@2:3"}, timeout=900)
+    proc = run_cli(*args, env={"TUMORSEG_INJECT_FAULT": "nan:1,oom:2,raise@2:3,crash@2:4"}, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = paths["storage"] / "faulty"
     return run_dir, pd.read_csv(run_dir / "trials.csv").set_index("trial_index")
@@ -28,14 +29,23 @@ def _results(run_dir, trial_dir):
     return [json.loads(line) for line in (run_dir / "tune" / trial_dir / "result.json").read_text().splitlines()]
 
 
-def test_crashing_trial_is_retried_from_its_checkpoint_then_recorded(faulty_sweep):
+def test_crashing_trial_is_retried_then_recorded_as_failed(faulty_sweep):
     run_dir, table = faulty_sweep
     row = table.loc[3]
     assert row["status"] == "ERROR" and row["num_failures"] == 2  # first run + max_failures retries
-    assert "injected fault after epoch" in row["failure_reason"]
+    assert "injected fault in epoch 2" in row["failure_reason"]
+    assert row["epochs_run"] == 1 and row["best_val_dice"] > 0  # what it did finish is kept
+
+
+def test_crashed_trial_resumes_from_its_checkpoint(faulty_sweep):
+    run_dir, table = faulty_sweep
+    row = table.loc[4]
+    assert row["status"] == "COMPLETED" and row["num_failures"] == 1
     results = _results(run_dir, row["trial_dir"])
-    resumed = [r["resumed_from_epoch"] for r in results if "resumed_from_epoch" in r]
-    assert resumed and min(resumed) >= 1  # the retry continued from a checkpoint, not from scratch
+    assert [r["epoch"] for r in results if "resumed_from_epoch" not in r] == [1, 2]
+    resumed = [r for r in results if "resumed_from_epoch" in r]
+    # the retry started after its checkpoint (epoch 1 or 2, the best so far), not from scratch
+    assert resumed and resumed[0]["resumed_from_epoch"] >= 1 and resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1
 
 
 def test_non_finite_loss_stops_at_once_and_never_wins(faulty_sweep):
@@ -56,11 +66,11 @@ def test_out_of_memory_is_recorded_with_its_cause_not_retried(faulty_sweep):
 
 def test_sweep_retrain_and_report_finish_despite_faults(faulty_sweep):
     run_dir, table = faulty_sweep
-    assert set(table.loc[[0, 4], "status"]) == {"COMPLETED"}
+    assert set(table.loc[[0, 4, 5], "status"]) == {"COMPLETED"}
     final = json.loads((run_dir / "final" / "metrics.json").read_text())
     assert "best" in final and "seed_recipe" in final
     page = (run_dir / "report.html").read_text()
-    assert "out of memory at resize 64, batch 8" in page and "injected fault after epoch" in page
+    assert "out of memory at resize 64, batch 8" in page and "injected fault in epoch 2" in page
 
 
 def test_ctrl_c_during_retrain_then_resume_does_only_the_missing_work(paths, ray_tmp):
