@@ -30,6 +30,10 @@ from search.space import PARAM_NAMES, SearchSpace, define_by_run, seed_point
 from search.storage import check_visible_from_all_nodes, check_writable, is_uri
 
 SWEEP_JSON = "sweep.json"
+# What ASHA compares at its rungs and what TPE learns from: the best native-resolution validation
+# Dice a trial has reached so far. One epoch's Dice is noisy early on; the running best is what
+# the trial would be selected by, and it is the score trials.csv and the report rank.
+METRIC = "best_val_dice"
 TUNE_DIR = "tune"  # Ray's experiment folder inside the run folder
 
 
@@ -478,14 +482,14 @@ def make_tuner(settings: SweepSettings, space: SearchSpace, base: dict, data, en
 
     points = settings.points or [seed_point(space)[0]]
     searcher = OptunaSearch(
-        space=define_by_run(space), metric="val_dice", mode="max", points_to_evaluate=points, seed=settings.seed
+        space=define_by_run(space), metric=METRIC, mode="max", points_to_evaluate=points, seed=settings.seed
     )
     # the cap: --max-concurrent, else what --gpus allows, else the (attached) cluster's CPUs
     slots = settings.slots(cpus=ray.cluster_resources().get("CPU"))
     searcher = ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent or slots)
     scheduler = ASHAScheduler(
         time_attr="epoch",
-        metric="val_dice",
+        metric=METRIC,
         mode="max",
         max_t=settings.epochs,
         grace_period=settings.grace_period,

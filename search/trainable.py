@@ -100,8 +100,9 @@ def run_trial(
     try:
         train(cfg, data[cfg.resize_px], on_epoch, resume_state=restore_state, encoder_state=encoder_state, log=log, progress=progress)
     except (NonFiniteLossError, TrainingOOMError) as err:
-        # the worst score, so it never becomes "best", and the reason; "epoch" = epochs completed
-        report({"epoch": last_epoch, "val_dice": 0.0, "best_val_dice": max(best, 0.0), "failure_reason": str(err), **extra}, None)
+        # the worst score (for ASHA and TPE too), so it never becomes "best", and the reason;
+        # "epoch" = epochs completed
+        report({"epoch": last_epoch, "val_dice": 0.0, "best_val_dice": 0.0, "failure_reason": str(err), **extra}, None)
 
 
 def injected_faults(trial_index) -> dict[str, int]:

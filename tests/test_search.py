@@ -205,3 +205,20 @@ def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_pat
         path = run_dir / "tune" / row["trial_dir"] / "result.json"
         assert path.read_text().count("\n") == lines_before[tid]
         assert after.set_index("trial_id").loc[tid, "best_val_dice"] == pytest.approx(row["best_val_dice"])
+
+
+def test_trials_use_the_drivers_encoder_weights_and_never_fetch(paths, tmp_path, monkeypatch):
+    """The driver resolves weights once; a trial asked for ImageNet weights on an offline node
+    trains from the tensors it was handed (the hub is never consulted)."""
+    from search.trainable import load_search_data, run_trial
+    from tumorseg.model import create_model
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-cache"))  # nothing cached, offline
+    donor = create_model(None).encoder.state_dict()
+    reports = []
+    params = {"resize_px": 64, "loss_type": "dice", "lr": 1e-3, "warmup_epochs": 0, "weight_decay": 0.01}
+    run_trial(params, base={"epochs": 1, "encoder_weights": "imagenet", "num_workers": 0, "batch_size": 8},
+              data=load_search_data(paths["data"], [64]), report=lambda m, c: reports.append((m, c())),
+              encoder_state=donor)
+    (metrics, state), = reports  # resolving "imagenet" here would have raised: offline, empty cache
+    assert metrics["epoch"] == 1 and "failure_reason" not in metrics and state["epoch"] == 1
