@@ -641,12 +641,14 @@ def _upload(settings: SweepSettings) -> None:
 
 
 def _report(run_dir: Path) -> None:
+    """Write the report; a failure here must not hide a finished sweep, so it is one warning line."""
+    from search.report import build_report
+
     try:
-        from search.report import build_report
-    except ImportError:
-        return
-    path = build_report(run_dir)
-    print(f"report: {path}")
+        print(f"report: {build_report(run_dir)}")
+    except Exception as err:  # noqa: BLE001 - the results are on disk; the report can be rebuilt
+        print(f"warning: the report failed ({type(err).__name__}: {err}); rebuild it with "
+              f"python -m search.report {run_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":
