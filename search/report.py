@@ -19,16 +19,15 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from tumorseg.cli import ArgumentParser, exit_on_user_error
 from tumorseg.config import SEED_REPORTED_TEST_METRICS
 from tumorseg.errors import UserError
 
-from search.run import SWEEP_JSON, TUNE_DIR, read_sweep_json
+from search.run import TUNE_DIR, read_sweep_json
 from search.space import SearchSpace, distributions
-from search.trials import PARAM_COLUMNS, applicable_params, read_table
+from search.trials import applicable_params, read_table, scored_trials
 
 MIN_TRIALS_FOR_IMPORTANCE = 10  # below this the importances are shown with a warning
 STATUS_COLOURS = {
@@ -60,14 +59,6 @@ def load_curves(run_dir: Path, table: pd.DataFrame | None) -> dict[str, pd.DataF
         if not frame.empty:
             curves[row.trial_id] = frame.drop_duplicates("epoch", keep="last").sort_values("epoch")
     return curves
-
-
-def scored_trials(table: pd.DataFrame | None) -> pd.DataFrame:
-    """Trials with a validation score that may enter the study (failed ones excluded)."""
-    if table is None or table.empty:
-        return pd.DataFrame(columns=PARAM_COLUMNS)
-    ok = table[~table["status"].isin(["FAILED", "ERROR"]) & table["best_val_dice"].notna() & (table["epochs_run"] > 0)]
-    return ok.sort_values("trial_index")
 
 
 def rebuild_study(table: pd.DataFrame | None, space: SearchSpace):
@@ -428,9 +419,7 @@ def main(argv=None) -> None:
     with exit_on_user_error("search.report"):
         if not args.run_dir.is_dir():
             raise UserError(f"run folder not found: {args.run_dir}")
-        if not (args.run_dir / SWEEP_JSON).is_file():
-            raise UserError(f"{args.run_dir / SWEEP_JSON} not found: is {args.run_dir} a search.run output folder?")
-        print(build_report(args.run_dir))
+        print(build_report(args.run_dir))  # without sweep.json: read_sweep_json's one-line error
 
 
 if __name__ == "__main__":

@@ -75,24 +75,24 @@ def retrain(run_dir: Path, seeds: int | None = None, log=print) -> dict:
             result = train(cfg, data, encoder_state=encoder_state, log=log)
             tmp = out.with_name(out.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
-            write_run_outputs(tmp, result, cfg, data["test"], data_dir)
-            write_per_image(tmp, result.model, data["test"], cfg)
+            _, counts = write_run_outputs(tmp, result, cfg, data["test"], data_dir)
+            write_per_image(tmp, result.model, data["test"], cfg, counts)
             tmp.rename(out)  # complete runs only: an interrupted retrain redoes just this one
     summary = summarize(final, todo, notes)
     log(format_summary(summary))
     return summary
 
 
-def write_per_image(out: Path, model, split, cfg) -> None:
-    """Per-image test Dice and the best / median / worst overlays (the report shows them)."""
+def write_per_image(out: Path, model, split, cfg, counts: np.ndarray) -> None:
+    """Per-image test Dice and the best / median / worst overlays (the report shows them).
+
+    ``counts``: the per-image counts of the run's one test pass (``write_run_outputs``).
+    """
     import pandas as pd
-    from PIL import ImageDraw
 
     from tumorseg.metrics import dice_per_image, iou_per_image
-    from tumorseg.train import evaluate
     from tumorseg.visualize import prediction_tiles
 
-    _, counts = evaluate(model, split, cfg)
     dice = dice_per_image(counts)
     pd.DataFrame({"file_name": split.file_names, "dice": dice, "iou": iou_per_image(counts)}).to_csv(out / "test_per_image.csv", index=False)
     order = np.argsort(-dice, kind="stable")

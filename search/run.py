@@ -237,6 +237,7 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict]:
         raise ConfigError(f"--data: folder not found: {args.data}")
     space = space_from_args(args)
     points = read_points(args.points, space) if args.points else None
+    fixed = parse_fixed(args.fixed)
     settings = SweepSettings(
         name=args.name or time.strftime("sweep-%Y%m%d-%H%M%S"),
         storage=args.storage,
@@ -272,9 +273,9 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict]:
         "compile": args.compile,
         "seed": args.seed,
         "num_workers": args.num_workers if args.num_workers is not None else max(0, int(settings.cpus_per_trial) - 1),
-        **parse_fixed(args.fixed),
+        **fixed,
     }
-    searched = set(PARAM_NAMES) & set(parse_fixed(args.fixed))
+    searched = set(PARAM_NAMES) & set(fixed)
     if searched:
         raise ConfigError(f"--fixed {', '.join(sorted(searched))}: searched parameter(s); narrow the space instead (e.g. --lr-range)")
     TrainConfig.from_dict(base)  # validates the fixed part now, not in every trial
@@ -332,13 +333,10 @@ def package_versions() -> dict[str, str]:
 
 
 def resolve_data(settings: SweepSettings) -> Path:
-    if settings.data:
-        return Path(settings.data)
-    from tumorseg.synthetic import ensure_synthetic
+    from tumorseg.train import resolve_data_dir
 
-    path = ensure_synthetic(root=Path(settings.cache_dir) if settings.cache_dir else None)
-    print(f"no --data given: using the built-in synthetic dataset at {path}")
-    return path
+    synthetic_root = Path(settings.cache_dir) if settings.cache_dir else None
+    return resolve_data_dir(Path(settings.data) if settings.data else None, synthetic_root)
 
 
 # ----------------------------------------------------------------------------- debug mode
@@ -369,14 +367,18 @@ def run_debug(settings: SweepSettings, space: SearchSpace, base: dict, explicit_
 # ----------------------------------------------------------------------------- the sweep
 
 
+def ray_token_file() -> Path:
+    """Where Ray keeps the dashboard/cluster auth token (``RAY_AUTH_TOKEN_PATH`` overrides)."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+
+
 def use_auth_token(settings: SweepSettings) -> None:
     """Attaching to a cluster: send Ray's auth token whenever one is at hand.
 
     A driver only sends it with RAY_AUTH_MODE=token, which Ray reads when it is imported, so this
     runs before anything imports Ray; clusters started with `ray start` require it.
     """
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if settings.address and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+    if settings.address and (os.environ.get("RAY_AUTH_TOKEN") or ray_token_file().is_file()):
         os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
@@ -414,10 +416,9 @@ def start_ray(settings: SweepSettings) -> None:
 
 def print_dashboard_help(url: str, host: str) -> None:
     port = url.rsplit(":", 1)[-1]
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
     print(f"Ray dashboard: http://{url}  (bound to {host})")
     if os.environ.get("RAY_AUTH_MODE", "token") != "disabled":
-        print(f"  sign in with Ray's token: `ray get-auth-token` (stored in {token_file})")
+        print(f"  sign in with Ray's token: `ray get-auth-token` (stored in {ray_token_file()})")
     print(f"  from another machine: ssh -N -L {port}:127.0.0.1:{port} {os.environ.get('USER', 'user')}@<this host>, then open http://localhost:{port}")
 
 
@@ -605,7 +606,7 @@ def _main(args, argv: list[str]) -> None:
                 f"--name {settings.name} --resume, or choose another --name"
             )
         check_writable(settings.storage, run_dir)
-        point, notes = seed_point(space)
+        _, notes = seed_point(space)
         if not args.resume:
             write_sweep_json(run_dir, settings, space, base, notes, argv)
         for note in notes:

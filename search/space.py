@@ -117,28 +117,11 @@ class SearchSpace:
         return SearchSpace.from_dict({**self.to_dict(), **changes})
 
 
-def suggest(space: SearchSpace, trial) -> None:
-    """Sample one point of ``space`` on an Optuna trial, conditional parameters included."""
-    trial.suggest_categorical("resize_px", space.resize_choices)
-    loss_type = trial.suggest_categorical("loss_type", space.loss_types)
-    for name in LOSS_PARAMS[loss_type]:
-        low, high = space.focal_gamma_range if name == "focal_gamma" else space.weight_range
-        trial.suggest_float(name, low, high)
-    trial.suggest_float("lr", *space.lr_range, log=True)
-    trial.suggest_int("warmup_epochs", *space.warmup_epochs_range)
-    trial.suggest_float("weight_decay", *space.weight_decay_range, log=True)
-
-
-def define_by_run(space: SearchSpace):
-    """The define-by-run function for ``OptunaSearch(space=...)`` (picklable: Tune saves it)."""
-    return functools.partial(suggest, space)
-
-
-def distributions(space: SearchSpace, params: dict[str, Any]) -> dict:
-    """Optuna distributions of the parameters present in ``params`` (to rebuild a study)."""
+def all_distributions(space: SearchSpace) -> dict:
+    """Every parameter's Optuna distribution, in sampling order: the space's one definition."""
     import optuna.distributions as od
 
-    all_dists = {
+    return {
         "resize_px": od.CategoricalDistribution(space.resize_choices),
         "loss_type": od.CategoricalDistribution(space.loss_types),
         "dice_weight": od.FloatDistribution(*space.weight_range),
@@ -149,7 +132,36 @@ def distributions(space: SearchSpace, params: dict[str, Any]) -> dict:
         "warmup_epochs": od.IntDistribution(*space.warmup_epochs_range),
         "weight_decay": od.FloatDistribution(*space.weight_decay_range, log=True),
     }
-    return {name: all_dists[name] for name in params if name in all_dists}
+
+
+def _suggest_from(trial, name: str, dist):
+    import optuna.distributions as od
+
+    if isinstance(dist, od.CategoricalDistribution):
+        return trial.suggest_categorical(name, list(dist.choices))
+    if isinstance(dist, od.IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, log=dist.log)
+    return trial.suggest_float(name, dist.low, dist.high, log=dist.log)
+
+
+def suggest(space: SearchSpace, trial) -> None:
+    """Sample one point of ``space`` on an Optuna trial, conditional parameters included."""
+    dists = all_distributions(space)
+    _suggest_from(trial, "resize_px", dists["resize_px"])
+    loss_type = _suggest_from(trial, "loss_type", dists["loss_type"])
+    for name in (*LOSS_PARAMS[loss_type], "lr", "warmup_epochs", "weight_decay"):
+        _suggest_from(trial, name, dists[name])
+
+
+def define_by_run(space: SearchSpace):
+    """The define-by-run function for ``OptunaSearch(space=...)`` (picklable: Tune saves it)."""
+    return functools.partial(suggest, space)
+
+
+def distributions(space: SearchSpace, params: dict[str, Any]) -> dict:
+    """Optuna distributions of the parameters present in ``params`` (to rebuild a study)."""
+    dists = all_distributions(space)
+    return {name: dists[name] for name in params if name in dists}
 
 
 def nearest_resize(space: SearchSpace, wanted: int = SEED_RECIPE.resize_px) -> int:

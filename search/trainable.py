@@ -33,6 +33,7 @@ STATE_FILE = "state.pt"
 # "nan:T" (a learning rate that makes the loss non-finite), "oom:T" (CUDA out of memory in the
 # first epoch). See tests/test_faults.py.
 FAULT_ENV = "TUMORSEG_INJECT_FAULT"
+COORDINATOR_CPUS = 0.01  # what a data-parallel trial's own function holds: it only waits on its trainer
 
 # report(metrics, checkpoint): ``checkpoint`` is None or a function returning the resumable state,
 # so a reporter that does not save (a non-zero rank, the debug printer) never pays for building it.
@@ -131,6 +132,31 @@ def load_state(directory: Path) -> dict:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def restored_state(checkpoint) -> dict | None:
+    """The resumable state in a Tune/Train checkpoint (None: a fresh start)."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return load_state(directory)
+
+
+def checkpointing_report(report_fn, checkpoint_cls, may_checkpoint: bool = True) -> Report:
+    """A ``Report`` over Ray's ``report_fn`` that saves the state as a ``checkpoint_cls`` when asked.
+
+    ``may_checkpoint=False`` (a non-zero rank) only reports, never building the state.
+    """
+
+    def report(metrics: dict, checkpoint_fn) -> None:
+        if checkpoint_fn is None or not may_checkpoint:
+            report_fn(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            save_state(checkpoint_fn(), directory)
+            report_fn(metrics, checkpoint=checkpoint_cls.from_directory(directory))
+
+    return report
+
+
 def tune_trainable(params: dict, *, base: dict, data_ref, encoder_state=None, threads: float = 1,
                    workers: int = 1, backend: str | None = None, storage: str | None = None) -> None:
     """The function Ray Tune runs per trial (bound with ``tune.with_parameters``).
@@ -152,23 +178,9 @@ def tune_trainable(params: dict, *, base: dict, data_ref, encoder_state=None, th
         _run_train_workers(params, base, data_ref, encoder_state, threads, workers, backend, extra, train_storage)
         return
     _set_threads(threads)
-    restore_state = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            restore_state = load_state(directory)
     extra.update(_placement())
-
-    def report(metrics: dict, checkpoint_fn) -> None:
-        if checkpoint_fn is None:
-            tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as directory:
-            save_state(checkpoint_fn(), directory)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
-
-    data = ray.get(data_ref["ref"])
-    run_trial(params, base=base, data=data, report=report, restore_state=restore_state, encoder_state=encoder_state, extra=extra)
+    run_trial(params, base=base, data=ray.get(data_ref["ref"]), report=checkpointing_report(tune.report, tune.Checkpoint),
+              restore_state=restored_state(tune.get_checkpoint()), encoder_state=encoder_state, extra=extra)
 
 
 def _set_threads(threads: float) -> None:
@@ -194,7 +206,7 @@ def _run_train_workers(params, base, data_ref, encoder_state, threads, workers, 
     node's staging folder); when Tune retries the trial, the trainer finds them there and the
     workers resume from the latest one.
     """
-    from ray import train, tune
+    from ray import train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -220,9 +232,6 @@ def _run_train_workers(params, base, data_ref, encoder_state, threads, workers, 
     trainer.fit()
 
 
-COORDINATOR_CPUS = 0.01  # what a data-parallel trial's own function holds: it only waits on its trainer
-
-
 def train_worker(config: dict) -> None:
     """One Ray Train worker of a data-parallel trial: ``run_trial`` on this rank."""
     import ray
@@ -236,26 +245,11 @@ def train_worker(config: dict) -> None:
         # logical GPUs; on a worker without CUDA the device is the CPU (gloo process group)
         os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
     context = train.get_context()
-    rank = context.get_world_rank()
-    restore_state = None
-    checkpoint = train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            restore_state = load_state(directory)
     extra = {**config["extra"], **_placement(), "world_size": context.get_world_size()}
-
-    def report(metrics: dict, checkpoint_fn) -> None:
-        # every rank reports (a collective); rank 0 alone builds and hands over the checkpoint
-        if checkpoint_fn is None or rank != 0:
-            train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as directory:
-            save_state(checkpoint_fn(), directory)
-            train.report(metrics, checkpoint=train.Checkpoint.from_directory(directory))
-
-    data = ray.get(config["data_ref"]["ref"])
-    run_trial(config["params"], base=config["base"], data=data, report=report, restore_state=restore_state,
-              encoder_state=config["encoder_state"], extra=extra)
+    # every rank reports (a collective); rank 0 alone builds and hands over the checkpoint
+    report = checkpointing_report(train.report, train.Checkpoint, may_checkpoint=context.get_world_rank() == 0)
+    run_trial(config["params"], base=config["base"], data=ray.get(config["data_ref"]["ref"]), report=report,
+              restore_state=restored_state(train.get_checkpoint()), encoder_state=config["encoder_state"], extra=extra)
 
 
 def trial_index(name: str) -> int | None:

@@ -108,11 +108,17 @@ def applicable_params(row) -> dict:
     return params
 
 
-def best_trial(table: pd.DataFrame | None):
-    """The row with the highest best val Dice among trials that reported and did not fail."""
+def scored_trials(table: pd.DataFrame | None) -> pd.DataFrame:
+    """Trials that reported a validation score and did not fail, in trial order."""
     if table is None or table.empty:
-        return None
-    usable = table[~table["status"].isin(["FAILED", "ERROR"]) & table["best_val_dice"].notna() & (table["epochs_run"] > 0)]
+        return pd.DataFrame(columns=COLUMNS)
+    ok = table[~table["status"].isin(["FAILED", "ERROR"]) & table["best_val_dice"].notna() & (table["epochs_run"] > 0)]
+    return ok.sort_values("trial_index")
+
+
+def best_trial(table: pd.DataFrame | None):
+    """The row with the highest best val Dice among the scored trials (ties: the earlier trial)."""
+    usable = scored_trials(table)
     if usable.empty:
         return None
     return usable.sort_values(["best_val_dice", "trial_index"], ascending=[False, True], kind="stable").iloc[0]

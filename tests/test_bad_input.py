@@ -5,7 +5,6 @@ import os
 import random
 import shutil
 import signal
-import sys
 
 import numpy as np
 import pytest

@@ -4,11 +4,9 @@ import json
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 from conftest import ROOT, run_cli, sweep_args

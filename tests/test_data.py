@@ -1,6 +1,5 @@
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np

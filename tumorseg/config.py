@@ -8,7 +8,7 @@ project set out to beat (test F1 0.199, precision 0.139, recall 0.348, Dice loss
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tumorseg.errors import ConfigError

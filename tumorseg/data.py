@@ -223,19 +223,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TUMORSEG_CACHE_DIR", Path.home() / ".cache" / "tumorseg"))
 
 
-def split_fingerprint(split_dir: Path) -> str:
+def split_fingerprint(split_dir: Path, records: list[ImageRecord]) -> str:
     """Hash of the annotation file and the listed images' names and sizes.
 
     Cheap (no image is read) and stable when the dataset is copied elsewhere.
     """
     split_dir = Path(split_dir)
     digest = hashlib.sha256(f"tumorseg-cache-v{CACHE_VERSION}".encode())
-    annotations = split_dir / ANNOTATIONS
-    try:
-        digest.update(annotations.read_bytes())
-    except OSError:
-        raise DataError(f"annotation file not found: {annotations}") from None
-    for record in read_split(split_dir):
+    digest.update((split_dir / ANNOTATIONS).read_bytes())
+    for record in records:
         path = split_dir / record.file_name
         try:
             digest.update(f"{record.file_name}:{path.stat().st_size}".encode())
@@ -266,23 +262,20 @@ def load_split(
     if not split_dir.is_dir():
         raise DataError(f"split folder missing: {split_dir} (expected {', '.join(SPLITS)} under {data_dir})")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root = cache_dir / f"{split}-{split_fingerprint(split_dir)}"
-    records = None
+    records = read_split(split_dir)  # parsed once: it validates, fingerprints and builds
+    root = cache_dir / f"{split}-{split_fingerprint(split_dir, records)}"
 
     def entry(name: str, build) -> Path:
-        nonlocal records
         target = root / name
         if not (target / "done").is_file():
-            if records is None:
-                records = read_split(split_dir)
-            _build_atomically(target, lambda tmp: build(records, tmp))
+            _build_atomically(target, build)
         return target
 
-    sized = entry(f"{size_px}px", lambda recs, tmp: _build_sized(split_dir, recs, size_px, tmp, workers))
+    sized = entry(f"{size_px}px", lambda tmp: _build_sized(split_dir, records, size_px, tmp, workers))
     meta = json.loads((sized / "meta.json").read_text())
     native_masks = None
     if native:
-        native_dir = entry("native", lambda recs, tmp: _build_native(split_dir, recs, tmp))
+        native_dir = entry("native", lambda tmp: _build_native(split_dir, records, tmp))
         native_masks = np.load(native_dir / "masks_packed.npy", mmap_mode="r")
     return Split(
         name=split,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import json
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from tumorseg.cli import ArgumentParser, exit_on_user_error
-from tumorseg.config import SEED_REPORTED_TEST_METRICS, TrainConfig
+from tumorseg.config import SEED_REPORTED_TEST_METRICS, TrainConfig, field_names
 from tumorseg.data import Split
 from tumorseg.losses import create_loss
 from tumorseg.metrics import SegmentationMeter, dice_per_image
@@ -303,7 +302,7 @@ def train(
             improved = val["dice"] > best_dice
             if improved:
                 best_dice, best_epoch, best_val = val["dice"], epoch + 1, val
-                best_weights = {k: v.detach().to("cpu", copy=True) for k, v in eval_model.state_dict().items()}
+                best_weights = _to_cpu_copy(eval_model.state_dict())
             metrics = {
                 "epoch": epoch + 1,
                 "lr": lr,
@@ -322,7 +321,7 @@ def train(
 
             def state_fn(epoch=epoch, improved=improved) -> dict:
                 """A snapshot (copies, on CPU) of everything needed to continue after this epoch."""
-                current = best_weights if improved else {k: v.detach().to("cpu", copy=True) for k, v in eval_model.state_dict().items()}
+                current = best_weights if improved else _to_cpu_copy(eval_model.state_dict())
                 return {
                     "config": cfg.to_dict(),
                     "epoch": epoch + 1,
@@ -433,34 +432,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = set(field_names())
     return TrainConfig.from_dict({k: v for k, v in vars(args).items() if k in names})
 
 
-def resolve_data_dir(data: Path | None) -> Path:
-    """The user's dataset, or the built-in synthetic one (written on first use)."""
-    if data is not None:
-        return data
+def resolve_data_dir(data: Path | None, synthetic_root: Path | None = None) -> Path:
+    """The user's dataset, or the built-in synthetic one (written on first use under ``synthetic_root``)."""
+    if data:
+        return Path(data)
     from tumorseg.synthetic import ensure_synthetic
 
-    path = ensure_synthetic()
+    path = ensure_synthetic(root=synthetic_root)
     print(f"no --data given: using the built-in synthetic dataset at {path}")
     return path
 
 
-def write_run_outputs(out: Path, result: TrainResult, cfg: TrainConfig, test: Split | None, data_dir: Path) -> dict:
-    """``metrics.json``, ``history.csv``, ``model.pt``, ``predictions.png`` for a finished run."""
+def write_run_outputs(
+    out: Path, result: TrainResult, cfg: TrainConfig, test: Split | None, data_dir: Path
+) -> tuple[dict, np.ndarray | None]:
+    """``metrics.json``, ``history.csv``, ``model.pt``, ``predictions.png`` for a finished run.
+
+    Returns the metrics and the per-image test counts (the one test pass, for per-image outputs).
+    """
     import pandas as pd
 
     from tumorseg.visualize import save_prediction_grid
 
     out.mkdir(parents=True, exist_ok=True)
-    test_metrics, test_dice = None, None
+    test_metrics, counts = None, None
     if test is not None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         test_metrics, counts = evaluate(result.model.to(device), test, cfg)
         result.model.to("cpu")
-        test_dice = dice_per_image(counts)
     metrics = {
         "config": cfg.to_dict(),
         "data": str(data_dir),
@@ -473,8 +476,8 @@ def write_run_outputs(out: Path, result: TrainResult, cfg: TrainConfig, test: Sp
     pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)
     save_model(out / "model.pt", result.model, cfg, best_epoch=result.best_epoch, val_metrics=result.best_val_metrics)
     if test is not None:
-        save_prediction_grid(out / "predictions.png", result.model, test, cfg, test_dice)
-    return metrics
+        save_prediction_grid(out / "predictions.png", result.model, test, cfg, dice_per_image(counts))
+    return metrics, counts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -491,7 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         data = load_dataset(data_dir, cfg.resize_px, cache_dir=args.cache_dir)
         print(f"data ready in {time.perf_counter() - t0:.1f}s: " + ", ".join(f"{k} {len(v)}" for k, v in data.items()))
         result = train(cfg, data, encoder_state=encoder_state)
-        metrics = write_run_outputs(args.out, result, cfg, data["test"], data_dir)
+        metrics, _ = write_run_outputs(args.out, result, cfg, data["test"], data_dir)
         test = metrics["test"]
         print(
             f"best epoch {result.best_epoch}: val dice {result.best_val_metrics['dice']:.4f} | test dice "
