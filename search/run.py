@@ -543,6 +543,12 @@ def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, restore: 
         # Tune installs its own SIGINT handler for a graceful stop and leaves it in place; give
         # Ctrl-C back to Python so the retrain stage can be interrupted (and resumed) too
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        # The retrain runs in this process: free the idle trial processes (reused actors) and their
+        # memory now, so they neither compete with it nor log their shutdown into its output.
+        # On an attached cluster this only disconnects the driver.
+        import ray
+
+        ray.shutdown()
     if is_uri(settings.storage):  # learning curves for the report
         from search.storage import download_trial_results
 
