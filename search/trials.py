@@ -89,7 +89,9 @@ def read_table(run_dir: Path) -> pd.DataFrame | None:
     path = Path(run_dir) / TRIALS_CSV
     if not path.is_file():
         return None
-    return pd.read_csv(path, keep_default_na=True, dtype={"failure_reason": str, "gpu_ids": str, "node_id": str})
+    # ids stay strings: Tune's 8-hex-digit trial ids are all digits now and then ("24503672")
+    text_columns = ("trial_id", "failure_reason", "gpu_ids", "node_id", "trial_dir")
+    return pd.read_csv(path, keep_default_na=True, dtype=dict.fromkeys(text_columns, str))
 
 
 def applicable_params(row) -> dict:

@@ -88,6 +88,23 @@ def test_unknown_space_name_in_file_exits_2(tmp_path):
 # ----------------------------------------------------------------------------- debug mode
 
 
+def test_trials_table_keeps_all_digit_trial_ids_as_text(tmp_path):
+    # Tune's trial ids are 8 hex digits, sometimes all decimal: pandas would read them as integers,
+    # breaking best_config.json (int64 is not JSON) and the merge of rows by id on --resume
+    from search.run import write_best_config
+    from search.trials import COLUMNS, read_table, write_table
+
+    rows = [dict.fromkeys(COLUMNS) | {"trial_index": i, "trial_id": tid, "status": "COMPLETED", "epochs_run": 2,
+                                      "best_val_dice": dice, "resize_px": 64, "loss_type": "dice", "lr": 1e-3,
+                                      "warmup_epochs": 0, "weight_decay": 0.01}
+            for i, (tid, dice) in enumerate([("00012345", 0.5), ("24503672", 0.7)])]
+    write_table(rows, tmp_path / "trials.csv")
+    assert list(read_table(tmp_path)["trial_id"]) == ["00012345", "24503672"]
+    best = write_best_config(tmp_path, {"epochs": 2, "encoder_weights": "none"})
+    assert best["trial_id"] == "24503672"
+    assert json.loads((tmp_path / "best_config.json").read_text())["trial_id"] == "24503672"
+
+
 def test_debug_mode_runs_one_trial_without_ray(paths, tmp_path):
     code = (
         "import sys; from search.run import main; "
