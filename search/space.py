@@ -1,6 +1,11 @@
-"""The search space, as an Optuna define-by-run function.
+"""The search space: one registry entry per searched parameter, and the ranges they draw from.
 
-Conditional parameters are sampled only where they apply:
+``PARAMS`` is the one definition of each searched parameter: its name (a ``TrainConfig`` field,
+so a sampled point plus the fixed settings is a ``TrainConfig``), the ``SearchSpace`` field that
+holds its choices or range, its kind, and the loss types it is sampled for. Sampling
+(``suggest``), the seed recipe's point (``seed_point``), the trials table's parameter columns and
+``applicable_params`` all derive from it. ``SearchSpace``'s fields carry their CLI flag and help
+text, so ``search.run``'s flags derive from it too.
 
 ==================  ============================================  =========================
 parameter           range (default)                               sampled when
@@ -16,10 +21,10 @@ parameter           range (default)                               sampled when
 ``weight_decay``    ``weight_decay_range`` (1e-5-0.1), log         always
 ==================  ============================================  =========================
 
-Parameter names are ``TrainConfig`` field names, so a sampled point plus the fixed settings is a
-``TrainConfig``. The seed recipe is the first point evaluated (``seed_point``), so a sweep can
-only improve on it. Ranges are overridden by flags or a JSON/YAML file whose keys are the
-``SearchSpace`` field names; an unknown name is an error.
+The seed recipe is the first point evaluated, so a sweep can only improve on it. Ranges are
+overridden by flags or a JSON/YAML file whose keys are the ``SearchSpace`` field names; an unknown
+name is an error. ``fit_to_budget`` narrows the warmup range so that every trial's warmup ends
+by the time ASHA first judges it.
 """
 
 from __future__ import annotations
@@ -27,37 +32,79 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tumorseg.config import LOSS_TYPES, SEED_RECIPE
+from tumorseg.config import LOSS_TYPES, SEED_RECIPE, TrainConfig
 from tumorseg.errors import ConfigError
 
-# Which conditional parameters each loss type samples.
-LOSS_PARAMS = {
-    "dice": (),
-    "dice_bce": ("dice_weight", "bce_weight"),
-    "dice_focal": ("dice_weight", "focal_weight", "focal_gamma"),
-}
-PARAM_NAMES = ("resize_px", "loss_type", "dice_weight", "bce_weight", "focal_weight", "focal_gamma", "lr", "warmup_epochs", "weight_decay")
+
+@dataclass(frozen=True)
+class Param:
+    """One searched parameter."""
+
+    name: str  # the TrainConfig field it sets (also its Optuna name and trials.csv column)
+    range_field: str  # the SearchSpace field holding its choices (categorical) or LOW,HIGH
+    kind: str  # "categorical" | "float" | "int"
+    log: bool = False
+    loss_types: tuple[str, ...] | None = None  # sampled only for these loss types (None: always)
+
+    def applies(self, params: dict[str, Any]) -> bool:
+        """Whether this parameter is sampled given the (earlier) parameters of the same point."""
+        return self.loss_types is None or params.get("loss_type") in self.loss_types
+
+
+# In sampling order: a parameter's condition may only name parameters above it.
+PARAMS = (
+    Param("resize_px", "resize_choices", "categorical"),
+    Param("loss_type", "loss_types", "categorical"),
+    Param("dice_weight", "weight_range", "float", loss_types=("dice_bce", "dice_focal")),
+    Param("bce_weight", "weight_range", "float", loss_types=("dice_bce",)),
+    Param("focal_weight", "weight_range", "float", loss_types=("dice_focal",)),
+    Param("focal_gamma", "focal_gamma_range", "float", loss_types=("dice_focal",)),
+    Param("lr", "lr_range", "float", log=True),
+    Param("warmup_epochs", "warmup_epochs_range", "int"),
+    Param("weight_decay", "weight_decay_range", "float", log=True),
+)
+PARAM_NAMES = tuple(p.name for p in PARAMS)
+PARAMS_BY_NAME = {p.name: p for p in PARAMS}
+# Which conditional parameters each loss type samples (derived; for tables and docs).
+LOSS_PARAMS = {t: tuple(p.name for p in PARAMS if p.loss_types and t in p.loss_types) for t in LOSS_TYPES}
+_CONFIG_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+assert set(PARAM_NAMES) <= set(_CONFIG_TYPES), "every searched parameter is a TrainConfig field"
+
+
+def _range(default: tuple, flag: str, help: str, integer: bool = False):
+    return field(default=default, metadata={"flag": flag, "help": help, "kind": "int_range" if integer else "range"})
 
 
 @dataclass
 class SearchSpace:
-    resize_choices: list[int] = field(default_factory=lambda: [256, 384, 512])
-    loss_types: list[str] = field(default_factory=lambda: list(LOSS_TYPES))
-    weight_range: tuple[float, float] = (0.25, 2.0)
-    focal_gamma_range: tuple[float, float] = (1.0, 3.0)
-    lr_range: tuple[float, float] = (1e-5, 3e-3)
-    warmup_epochs_range: tuple[int, int] = (0, 5)
-    weight_decay_range: tuple[float, float] = (1e-5, 1e-1)
+    """The choices and ranges the parameters draw from (field metadata: CLI flag and help)."""
+
+    resize_choices: list[int] = field(
+        default_factory=lambda: [256, 384, 512],
+        metadata={"flag": "--resize-choices", "help": "training sizes in px, e.g. 96,128", "kind": "int_list"},
+    )
+    loss_types: list[str] = field(
+        default_factory=lambda: list(LOSS_TYPES),
+        metadata={"flag": "--loss-types", "help": f"subset of {','.join(LOSS_TYPES)}", "kind": "str_list"},
+    )
+    weight_range: tuple[float, float] = _range((0.25, 2.0), "--weight-range", "loss term weights LOW,HIGH")
+    focal_gamma_range: tuple[float, float] = _range((1.0, 3.0), "--focal-gamma-range", "focal loss gamma LOW,HIGH")
+    lr_range: tuple[float, float] = _range((1e-5, 3e-3), "--lr-range", "learning rate LOW,HIGH (log scale)")
+    warmup_epochs_range: tuple[int, int] = _range((0, 5), "--warmup-epochs-range", "warmup epochs LOW,HIGH", integer=True)
+    weight_decay_range: tuple[float, float] = _range((1e-5, 1e-1), "--weight-decay-range", "AdamW weight decay LOW,HIGH (log scale)")
 
     def __post_init__(self) -> None:
         self.resize_choices = [int(v) for v in self.resize_choices]
         self.loss_types = list(self.loss_types)
-        for name in ("weight_range", "focal_gamma_range", "lr_range", "warmup_epochs_range", "weight_decay_range"):
+        for name in _range_fields():
             setattr(self, name, tuple(getattr(self, name)))
+        if len(self.warmup_epochs_range) == 2:
+            self.warmup_epochs_range = tuple(int(v) for v in self.warmup_epochs_range)
         self.validate()
 
     def validate(self) -> None:
@@ -69,7 +116,7 @@ class SearchSpace:
         unknown = [t for t in self.loss_types if t not in LOSS_TYPES]
         if unknown or not self.loss_types:
             raise ConfigError(f"loss_types: {unknown or 'empty'}; choose from {', '.join(LOSS_TYPES)}")
-        for name in ("weight_range", "focal_gamma_range", "lr_range", "warmup_epochs_range", "weight_decay_range"):
+        for name in _range_fields():
             value = getattr(self, name)
             if len(value) != 2:
                 raise ConfigError(f"{name}: expected LOW,HIGH, got {value}")
@@ -78,9 +125,9 @@ class SearchSpace:
                 raise ConfigError(f"{name}: low {low} > high {high}")
             if low < 0:
                 raise ConfigError(f"{name}: values must be >= 0, got {low}")
-        for name in ("lr_range", "weight_decay_range"):
-            if getattr(self, name)[0] <= 0:
-                raise ConfigError(f"{name}: a log-uniform range needs low > 0")
+        for p in PARAMS:
+            if p.log and getattr(self, p.range_field)[0] <= 0:
+                raise ConfigError(f"{p.range_field}: a log-uniform range needs low > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -95,43 +142,60 @@ class SearchSpace:
 
     @classmethod
     def from_file(cls, path: Path) -> "SearchSpace":
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError:
-            raise ConfigError(f"--space: cannot read {path}") from None
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                values = yaml.safe_load(text) or {}
-            else:
-                values = json.loads(text)
-        except Exception as err:  # noqa: BLE001 - any parse error is the file's fault
-            raise ConfigError(f"--space: {path} is not valid {path.suffix.lstrip('.') or 'JSON'} ({err})".splitlines()[0]) from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"--space: {path} must hold a mapping of names to values")
-        return cls.from_dict(values, source=str(path))
+        return cls.from_dict(read_space_file(path), source=str(path))
 
     def replace(self, **changes: Any) -> "SearchSpace":
         return SearchSpace.from_dict({**self.to_dict(), **changes})
 
 
-def all_distributions(space: SearchSpace) -> dict:
-    """Every parameter's Optuna distribution, in sampling order: the space's one definition."""
+def _range_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(SearchSpace) if f.metadata.get("kind") in ("range", "int_range")]
+
+
+def read_space_file(path: Path) -> dict[str, Any]:
+    """``--space FILE``: a JSON or YAML mapping of ``SearchSpace`` field names to values."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError:
+        raise ConfigError(f"--space: cannot read {path}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as err:  # noqa: BLE001 - any parse error is the file's fault
+        raise ConfigError(f"--space: {path} is not valid {path.suffix.lstrip('.') or 'JSON'} ({err})".splitlines()[0]) from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--space: {path} must hold a mapping of names to values")
+    return values
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def distribution(param: Param, space: SearchSpace):
+    """The Optuna distribution of ``param`` in ``space``."""
     import optuna.distributions as od
 
-    return {
-        "resize_px": od.CategoricalDistribution(space.resize_choices),
-        "loss_type": od.CategoricalDistribution(space.loss_types),
-        "dice_weight": od.FloatDistribution(*space.weight_range),
-        "bce_weight": od.FloatDistribution(*space.weight_range),
-        "focal_weight": od.FloatDistribution(*space.weight_range),
-        "focal_gamma": od.FloatDistribution(*space.focal_gamma_range),
-        "lr": od.FloatDistribution(*space.lr_range, log=True),
-        "warmup_epochs": od.IntDistribution(*space.warmup_epochs_range),
-        "weight_decay": od.FloatDistribution(*space.weight_decay_range, log=True),
-    }
+    values = getattr(space, param.range_field)
+    if param.kind == "categorical":
+        return od.CategoricalDistribution(values)
+    if param.kind == "int":
+        return od.IntDistribution(*values, log=param.log)
+    return od.FloatDistribution(*values, log=param.log)
+
+
+def all_distributions(space: SearchSpace) -> dict:
+    """Every parameter's Optuna distribution, in sampling order."""
+    return {p.name: distribution(p, space) for p in PARAMS}
+
+
+def distributions(space: SearchSpace, params: dict[str, Any]) -> dict:
+    """Optuna distributions of the parameters present in ``params`` (to rebuild a study)."""
+    return {p.name: distribution(p, space) for p in PARAMS if p.name in params}
 
 
 def _suggest_from(trial, name: str, dist):
@@ -146,11 +210,10 @@ def _suggest_from(trial, name: str, dist):
 
 def suggest(space: SearchSpace, trial) -> None:
     """Sample one point of ``space`` on an Optuna trial, conditional parameters included."""
-    dists = all_distributions(space)
-    _suggest_from(trial, "resize_px", dists["resize_px"])
-    loss_type = _suggest_from(trial, "loss_type", dists["loss_type"])
-    for name in (*LOSS_PARAMS[loss_type], "lr", "warmup_epochs", "weight_decay"):
-        _suggest_from(trial, name, dists[name])
+    params: dict[str, Any] = {}
+    for p in PARAMS:
+        if p.applies(params):
+            params[p.name] = _suggest_from(trial, p.name, distribution(p, space))
 
 
 def define_by_run(space: SearchSpace):
@@ -158,14 +221,41 @@ def define_by_run(space: SearchSpace):
     return functools.partial(suggest, space)
 
 
-def distributions(space: SearchSpace, params: dict[str, Any]) -> dict:
-    """Optuna distributions of the parameters present in ``params`` (to rebuild a study)."""
-    dists = all_distributions(space)
-    return {name: dists[name] for name in params if name in dists}
+def applicable_params(values: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a point actually sampled (conditional ones of other loss types and missing
+    values dropped), typed like their ``TrainConfig`` fields (a CSV gives ``resize_px`` 128.0)."""
+    params: dict[str, Any] = {}
+    for p in PARAMS:
+        value = values.get(p.name)
+        if value is None or (isinstance(value, float) and math.isnan(value)) or not p.applies(params):
+            continue
+        value = value.item() if hasattr(value, "item") else value
+        params[p.name] = int(value) if _CONFIG_TYPES[p.name] in ("int", int) else value
+    return params
+
+
+# ----------------------------------------------------------------------------- the seed recipe
 
 
 def nearest_resize(space: SearchSpace, wanted: int = SEED_RECIPE.resize_px) -> int:
     return min(space.resize_choices, key=lambda size: (abs(size - wanted), size))
+
+
+def _fit(param: Param, value, space: SearchSpace, notes: list[str]):
+    """``value`` moved into ``param``'s allowed values, with a note when it had to move."""
+    allowed = getattr(space, param.range_field)
+    if param.kind == "categorical":
+        if value in allowed:
+            return value
+        fitted = nearest_resize(space, value) if param.name == "resize_px" else allowed[0]
+        notes.append(f"seed recipe {param.name} {value} is not among {allowed}: using {fitted}")
+        return fitted
+    low, high = allowed
+    if low <= value <= high:
+        return value
+    fitted = min(max(value, low), high)
+    notes.append(f"seed recipe {param.name} {value} is outside {low}-{high}: using {fitted}")
+    return fitted
 
 
 def seed_point(space: SearchSpace) -> tuple[dict[str, Any], list[str]]:
@@ -174,28 +264,36 @@ def seed_point(space: SearchSpace) -> tuple[dict[str, Any], list[str]]:
     Values outside the space are moved to the nearest allowed value (e.g. resize 256 when the
     choices are 96,128 becomes 128), and the notes say so.
     """
-    notes = []
-    recipe = SEED_RECIPE
-    resize = nearest_resize(space)
-    if resize != recipe.resize_px:
-        notes.append(f"seed recipe resize {recipe.resize_px} is not among {space.resize_choices}: using {resize}")
-    loss_type = recipe.loss_type if recipe.loss_type in space.loss_types else space.loss_types[0]
-    if loss_type != recipe.loss_type:
-        notes.append(f"seed recipe loss {recipe.loss_type} is not among {space.loss_types}: using {loss_type}")
-    point: dict[str, Any] = {"resize_px": resize, "loss_type": loss_type}
-
-    def clamp(name: str, value, bounds):
-        low, high = bounds
-        if low <= value <= high:
-            return value
-        fitted = min(max(value, low), high)
-        notes.append(f"seed recipe {name} {value} is outside {low}-{high}: using {fitted}")
-        return fitted
-
-    for name in LOSS_PARAMS[loss_type]:
-        bounds = space.focal_gamma_range if name == "focal_gamma" else space.weight_range
-        point[name] = clamp(name, getattr(recipe, name), bounds)
-    point["lr"] = clamp("lr", recipe.lr, space.lr_range)
-    point["warmup_epochs"] = clamp("warmup_epochs", recipe.warmup_epochs, space.warmup_epochs_range)
-    point["weight_decay"] = clamp("weight_decay", recipe.weight_decay, space.weight_decay_range)
+    notes: list[str] = []
+    point: dict[str, Any] = {}
+    for p in PARAMS:
+        if p.applies(point):
+            point[p.name] = _fit(p, getattr(SEED_RECIPE, p.name), space, notes)
     return point, notes
+
+
+# ----------------------------------------------------------------------------- the budget
+
+
+def fit_to_budget(space: SearchSpace, epochs: int, grace_period: int | None, explicit: bool) -> tuple[SearchSpace, list[str]]:
+    """Narrow ``warmup_epochs_range`` so that every trial's warmup ends within its budget.
+
+    A trial must reach its sampled learning rate before its last epoch (``warmup < epochs``) and,
+    under ASHA, by the time it is first judged (``warmup <= grace_period``); otherwise ASHA
+    compares trials that are still warming up. A default range is narrowed with a note; a range the user
+    gave (``explicit``) that breaks the first rule is an error, the second a warning note.
+    """
+    low, high = space.warmup_epochs_range
+    limit = epochs - 1 if grace_period is None else min(epochs - 1, grace_period)
+    limit = max(limit, 0)
+    if high <= limit:
+        return space, []
+    if explicit:
+        if high >= epochs:
+            raise ConfigError(f"--warmup-epochs-range {low},{high}: a warmup of {high} epochs never ends within "
+                              f"--epochs {epochs}; use a HIGH below {epochs}")
+        return space, [f"warning: warmups of up to {high} epochs are still running when ASHA first judges trials "
+                       f"(--grace-period {grace_period}); such trials may be stopped before they reach their lr"]
+    fitted = space.replace(warmup_epochs_range=(min(low, limit), limit))
+    why = f"within --epochs {epochs}" if grace_period is None or epochs - 1 <= grace_period else f"by the ASHA --grace-period {grace_period}"
+    return fitted, [f"warmup_epochs range {low}-{high} narrowed to {min(low, limit)}-{limit} so every warmup ends {why}"]
