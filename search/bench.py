@@ -195,7 +195,7 @@ def main(argv=None) -> None:
     p.add_argument("--only", default="1,2,3,4", help="which benchmarks to run, e.g. 1,4")
     p.add_argument("--no-reuse-actors", dest="reuse_actors", action="store_false", help="benchmark 1 without actor reuse")
     args = p.parse_args(argv)
-    from search.run import package_versions
+    from search.rundir import package_versions
     from tumorseg.bench import machine
     from tumorseg.synthetic import ensure_synthetic
 

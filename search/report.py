@@ -25,9 +25,9 @@ from tumorseg.cli import ArgumentParser, exit_on_user_error
 from tumorseg.config import SEED_REPORTED_TEST_METRICS
 from tumorseg.errors import UserError
 
-from search.run import TUNE_DIR, read_sweep_json
-from search.space import SearchSpace, distributions
-from search.trials import applicable_params, read_table, scored_trials
+from search.rundir import TUNE_DIR, read_sweep_json
+from search.space import SearchSpace, applicable_params, distributions
+from search.trials import read_table, scored_trials
 
 MIN_TRIALS_FOR_IMPORTANCE = 10  # below this the importances are shown with a warning
 STATUS_COLOURS = {

@@ -24,7 +24,7 @@ from tumorseg.cli import ArgumentParser, exit_on_user_error
 from tumorseg.config import SEED_REPORTED_TEST_METRICS, TrainConfig
 from tumorseg.errors import UserError
 
-from search.run import load_sweep, resolve_data
+from search.rundir import FINAL_DIR, load_sweep, read_best_params
 from search.space import seed_point
 
 METRICS = ("dice", "iou", "precision", "recall", "f1", "dice_loss")
@@ -36,9 +36,9 @@ def recipes(run_dir: Path) -> tuple[dict[str, dict], list[str]]:
     _, space, _, _ = load_sweep(run_dir)
     point, notes = seed_point(space)
     found = {}
-    best_path = Path(run_dir) / "best_config.json"
-    if best_path.is_file():
-        found["best"] = json.loads(best_path.read_text())["params"]
+    best = read_best_params(run_dir)
+    if best is not None:
+        found["best"] = best
     found["seed_recipe"] = point
     return found, notes
 
@@ -47,7 +47,8 @@ def retrain(run_dir: Path, seeds: int | None = None, log=print) -> dict:
     """Run what is missing under ``run_dir/final`` and write ``final/metrics.json``."""
     from tumorseg.data import load_dataset
     from tumorseg.model import load_encoder_state
-    from tumorseg.train import train, write_run_outputs
+    from tumorseg.engine import train
+    from tumorseg.train import write_run_outputs
 
     run_dir = Path(run_dir)
     settings, _, base, _ = load_sweep(run_dir)
@@ -55,7 +56,7 @@ def retrain(run_dir: Path, seeds: int | None = None, log=print) -> dict:
     todo, notes = recipes(run_dir)
     if "best" not in todo:
         log("retrain: no successful trial, so only the seed recipe is retrained")
-    final = run_dir / "final"
+    final = run_dir / FINAL_DIR
     final.mkdir(exist_ok=True)
     data_dir, encoder_state, data_by_size = None, None, {}
     for recipe, params in todo.items():
@@ -65,7 +66,7 @@ def retrain(run_dir: Path, seeds: int | None = None, log=print) -> dict:
                 log(f"retrain: {recipe} seed {k} already done")
                 continue
             if data_dir is None:
-                data_dir = resolve_data(settings)
+                data_dir = settings.resolve_data_dir()
                 encoder_state = load_encoder_state(base["encoder_weights"])
             cfg = TrainConfig.from_dict({**base, **params, "seed": base["seed"] + k, "epochs": settings.epochs})
             if cfg.resize_px not in data_by_size:

@@ -4,8 +4,9 @@
 function. ``tune_trainable`` is the Ray adapter (imports Ray lazily); ``--debug`` mode calls
 ``run_trial`` directly with a printing ``report``, so a breakpoint in ``tumorseg/train.py`` works.
 
-Per epoch the trial reports native-resolution validation metrics; it hands over a checkpoint
-only when its best validation Dice improves (the resumable state of that epoch).
+Per epoch the trial reports native-resolution validation metrics and hands over a checkpoint of
+that epoch's resumable state, which holds both the latest weights (to resume from) and the best
+ones (what the trial is selected by), so a retried trial continues where it crashed.
 
 With more than one GPU per trial, ``tune_trainable`` launches a Ray Train ``TorchTrainer`` whose
 workers each run the same ``run_trial`` (Accelerate picks up the process group Ray sets up) and
@@ -26,17 +27,13 @@ from typing import Any, Callable
 from tumorseg.config import TrainConfig
 from tumorseg.data import Split, load_split
 
+from search.rundir import dir_for, trial_index
+
 STATE_FILE = "state.pt"
-# Test-only fault injection, comma-separated, per trial index: "raise@E:T" (trial T raises in
-# every epoch >= E, before reporting it: retries cannot help), "crash@E:T" (trial T raises once,
-# after reporting epoch E, on its first attempt: the retry resumes from the checkpoint),
-# "nan:T" (a learning rate that makes the loss non-finite), "oom:T" (CUDA out of memory in the
-# first epoch). See tests/test_faults.py.
-FAULT_ENV = "TUMORSEG_INJECT_FAULT"
 COORDINATOR_CPUS = 0.01  # what a data-parallel trial's own function holds: it only waits on its trainer
 
-# report(metrics, checkpoint): ``checkpoint`` is None or a function returning the resumable state,
-# so a reporter that does not save (a non-zero rank, the debug printer) never pays for building it.
+# report(metrics, checkpoint): ``checkpoint`` is a function returning the resumable state (or
+# None), so a reporter that does not save (a non-zero rank, the debug printer) never builds it.
 Report = Callable[[dict, "Callable[[], dict] | None"], None]
 
 
@@ -72,31 +69,18 @@ def run_trial(
     progress: bool = False,
 ) -> None:
     """Train ``base`` + ``params`` and report each epoch; ``extra`` is added to every report."""
-    from tumorseg.train import NonFiniteLossError, TrainingOOMError, train
+    from tumorseg.engine import NonFiniteLossError, TrainingOOMError, train
 
     cfg = TrainConfig.from_dict({**base, **params})
     extra = dict(extra or {})
-    best = restore_state["best_val_dice"] if restore_state else float("-inf")
     last_epoch = restore_state["epoch"] if restore_state else 0
     if restore_state:
         extra["resumed_from_epoch"] = last_epoch
-    faults = injected_faults(extra.get("trial_index"))
-    if "nan" in faults:
-        cfg = cfg.replace(lr=1e30)
 
     def on_epoch(metrics: dict, state_fn) -> None:
-        nonlocal best, last_epoch
-        if "oom" in faults:
-            import torch
-
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        if "raise" in faults and metrics["epoch"] >= faults["raise"]:
-            raise RuntimeError(f"injected fault in epoch {metrics['epoch']} ({FAULT_ENV})")
-        improved = metrics["val_dice"] > best
-        best, last_epoch = max(best, metrics["val_dice"]), metrics["epoch"]
-        report({**metrics, **extra}, state_fn if improved else None)
-        if "crash" in faults and metrics["epoch"] == faults["crash"] and restore_state is None:
-            raise RuntimeError(f"injected one-off crash after epoch {metrics['epoch']} ({FAULT_ENV})")
+        nonlocal last_epoch
+        last_epoch = metrics["epoch"]
+        report({**metrics, **extra}, state_fn)
 
     try:
         train(cfg, data[cfg.resize_px], on_epoch, resume_state=restore_state, encoder_state=encoder_state, log=log, progress=progress)
@@ -104,17 +88,6 @@ def run_trial(
         # the worst score (for ASHA and TPE too), so it never becomes "best", and the reason;
         # "epoch" = epochs completed
         report({"epoch": last_epoch, "val_dice": 0.0, "best_val_dice": 0.0, "failure_reason": str(err), **extra}, None)
-
-
-def injected_faults(trial_index) -> dict[str, int]:
-    """The faults ``TUMORSEG_INJECT_FAULT`` asks for in this trial: ``{"raise": epoch, "nan": 1, ...}``."""
-    faults = {}
-    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
-        kind, _, trial = spec.partition(":")
-        kind, _, epoch = kind.partition("@")
-        if trial_index is not None and int(trial) == trial_index:
-            faults[kind] = int(epoch or 1)
-    return faults
 
 
 # ----------------------------------------------------------------------------- Ray adapter
@@ -158,7 +131,7 @@ def checkpointing_report(report_fn, checkpoint_cls, may_checkpoint: bool = True)
 
 
 def tune_trainable(params: dict, *, base: dict, data_ref, encoder_state=None, threads: float = 1,
-                   workers: int = 1, backend: str | None = None, storage: str | None = None) -> None:
+                   workers: int = 1, storage: str | None = None) -> None:
     """The function Ray Tune runs per trial (bound with ``tune.with_parameters``).
 
     ``data_ref`` is ``{"ref": ObjectRef}`` of the ``load_search_data`` dict, put in the object
@@ -173,9 +146,9 @@ def tune_trainable(params: dict, *, base: dict, data_ref, encoder_state=None, th
         "trial_index": trial_index(context.get_trial_name()),
     }
     if workers > 1:
-        trial_dir = f"{context.get_trial_name()}_{context.get_trial_id()}"  # = search.run.trial_dirname
+        trial_dir = dir_for(context.get_trial_name(), context.get_trial_id())
         train_storage = os.path.join(storage, trial_dir) if storage else context.get_trial_dir()
-        _run_train_workers(params, base, data_ref, encoder_state, threads, workers, backend, extra, train_storage)
+        _run_train_workers(params, base, data_ref, encoder_state, threads, workers, extra, train_storage)
         return
     _set_threads(threads)
     extra.update(_placement())
@@ -199,7 +172,7 @@ def _placement() -> dict:
     }
 
 
-def _run_train_workers(params, base, data_ref, encoder_state, threads, workers, backend, extra, storage) -> None:
+def _run_train_workers(params, base, data_ref, encoder_state, threads, workers, extra, storage) -> None:
     """Data-parallel trial: a ``TorchTrainer`` over ``workers`` GPU workers, reports relayed to Tune.
 
     Its checkpoints go to ``<trial folder in the sweep's storage>/train/`` (shared storage, not the
@@ -207,7 +180,7 @@ def _run_train_workers(params, base, data_ref, encoder_state, threads, workers, 
     workers resume from the latest one.
     """
     from ray import train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     # --cpus-per-trial is the trial's total: COORDINATOR_CPUS for this function, the rest split over workers
@@ -216,8 +189,8 @@ def _run_train_workers(params, base, data_ref, encoder_state, threads, workers, 
         train_worker,
         train_loop_config={"params": params, "base": base, "data_ref": data_ref, "encoder_state": encoder_state,
                            "threads": worker_cpus, "extra": extra},
-        # one GPU per worker (logical GPUs on a machine without CUDA: then gloo, and workers use the CPU)
-        torch_config=TorchConfig(backend=backend),
+        # one GPU per worker; the process group's backend is chosen on the workers, from their device
+        torch_config=device_torch_config(),
         scaling_config=train.ScalingConfig(num_workers=workers, use_gpu=True, resources_per_worker={"CPU": worker_cpus, "GPU": 1}),
         run_config=train.RunConfig(
             name="train",
@@ -252,9 +225,40 @@ def train_worker(config: dict) -> None:
               restore_state=restored_state(train.get_checkpoint()), encoder_state=config["encoder_state"], extra=extra)
 
 
-def trial_index(name: str) -> int | None:
-    """The trial's order from its name (``trial_003`` -> 3; see ``search.run.trial_name``)."""
-    try:
-        return int(str(name).split("_")[1])
-    except (IndexError, ValueError):
-        return None
+# ----------------------------------------------------------------------------- process-group backend
+
+
+def backend_for(workers_have_cuda: list[bool]) -> str:
+    """NCCL when every worker of the group has a CUDA device, else gloo (logical GPUs on CPU machines)."""
+    return "nccl" if workers_have_cuda and all(workers_have_cuda) else "gloo"
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def device_torch_config():
+    """A ``TorchConfig`` whose backend is chosen when the worker group starts, by asking the workers.
+
+    Ray Train's default decides from the *requested* resources (a GPU request means NCCL), and the
+    driver's own devices say nothing about the workers': a KubeRay head or a SLURM login node has no
+    GPU while the workers do, and logical GPUs on a CPU machine have no CUDA for NCCL.
+    """
+    import dataclasses
+
+    from ray.train.torch.config import TorchConfig, _TorchBackend
+
+    class _DeviceBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            backend = backend_for(worker_group.execute(_has_cuda))
+            super().on_start(worker_group, dataclasses.replace(backend_config, backend=backend))
+
+    @dataclasses.dataclass
+    class DeviceTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return _DeviceBackend
+
+    return DeviceTorchConfig()

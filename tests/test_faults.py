@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, run_cli, sweep_args
+from fault_injection.faults import environment as fault_environment
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def faulty_sweep(paths, tmp_path_factory):
     ray_tmp = tmp_path_factory.mktemp("ray")
     args = sweep_args(paths, ray_tmp, "faulty", "--gpus", "2", "--num-samples", "6", "--epochs", "3",
                       "--grace-period", "3", "--max-failures", "1")
-    proc = run_cli(*args, env={"TUMORSEG_INJECT_FAULT": "nan:1,oom:2,raise@2:3,crash@2:4"}, timeout=900)
+    proc = run_cli(*args, env=fault_environment("nan:1,oom:2,raise@2:3,crash@2:4"), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = paths["storage"] / "faulty"
     return run_dir, pd.read_csv(run_dir / "trials.csv").set_index("trial_index")
@@ -44,8 +45,8 @@ def test_crashed_trial_resumes_from_its_checkpoint(faulty_sweep):
     results = _results(run_dir, row["trial_dir"])
     assert [r["epoch"] for r in results if "resumed_from_epoch" not in r] == [1, 2]
     resumed = [r for r in results if "resumed_from_epoch" in r]
-    # the retry started after its checkpoint (epoch 1 or 2, the best so far), not from scratch
-    assert resumed and resumed[0]["resumed_from_epoch"] >= 1 and resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1
+    # the retry continues after the epoch it crashed in (the latest checkpoint), not from its best one
+    assert resumed and resumed[0]["resumed_from_epoch"] == 2 and resumed[0]["epoch"] == 3
 
 
 def test_non_finite_loss_stops_at_once_and_never_wins(faulty_sweep):

@@ -10,8 +10,7 @@ import pytest
 
 from conftest import ROOT, run_cli
 from search.report import build_report, common_params, importances, rebuild_study
-from search.space import SearchSpace, distributions
-from search.trials import applicable_params
+from search.space import SearchSpace, applicable_params, distributions
 
 ARTIFACTS = ROOT / "results" / "test-artifacts"
 

@@ -13,8 +13,9 @@ import optuna
 import pandas as pd
 import pytest
 
+import conftest
 from conftest import ROOT, run_cli, sweep_args
-from search.space import LOSS_PARAMS, SearchSpace, define_by_run, seed_point
+from search.space import LOSS_PARAMS, SearchSpace, define_by_run, fit_to_budget, seed_point
 from tumorseg.errors import ConfigError
 
 # ----------------------------------------------------------------------------- the space
@@ -41,7 +42,7 @@ def test_seed_point_fits_the_space_and_says_what_moved():
                      "lr": 1e-4, "warmup_epochs": 2, "weight_decay": 0.01}
     assert notes == []
     point, notes = seed_point(SearchSpace(resize_choices=[96, 128]))
-    assert point["resize_px"] == 128 and "resize 256 is not among [96, 128]: using 128" in notes[0]
+    assert point["resize_px"] == 128 and "resize_px 256 is not among [96, 128]: using 128" in notes[0]
 
 
 def test_space_file_typo_and_bad_ranges(tmp_path):
@@ -52,6 +53,85 @@ def test_space_file_typo_and_bad_ranges(tmp_path):
     assert SearchSpace.from_file(tmp_path / "space.yaml").resize_choices == [96, 128]
     with pytest.raises(ConfigError, match="lr_range: low 0.1 > high 0.01"):
         SearchSpace(lr_range=(0.1, 0.01))
+
+
+def test_registry_defines_each_parameter_once():
+    from search.space import PARAMS, all_distributions, applicable_params
+    from tumorseg.config import TrainConfig
+
+    assert [p.name for p in PARAMS] == list(all_distributions(SearchSpace()))
+    assert {p.name for p in PARAMS} <= set(TrainConfig().to_dict())
+    # a CSV row: floats for ints, values of other loss types present; typed and filtered like a sampled point
+    row = {"resize_px": 128.0, "loss_type": "dice_focal", "dice_weight": 1.0, "bce_weight": 0.5, "focal_weight": 2.0,
+           "focal_gamma": 2.5, "lr": 1e-3, "warmup_epochs": 1.0, "weight_decay": float("nan")}
+    params = applicable_params(row)
+    assert params == {"resize_px": 128, "loss_type": "dice_focal", "dice_weight": 1.0, "focal_weight": 2.0,
+                      "focal_gamma": 2.5, "lr": 1e-3, "warmup_epochs": 1}
+    assert type(params["resize_px"]) is int and type(params["warmup_epochs"]) is int
+
+
+def test_seeded_tpe_samples_the_same_points_through_the_registry():
+    """suggest() samples in the registry's order; a seeded study is reproducible point by point."""
+    def points(seed):
+        study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3))
+        out = []
+        for i in range(8):
+            trial = study.ask()
+            define_by_run(SearchSpace())(trial)
+            study.tell(trial, float(i % 3))
+            out.append(trial.params)
+        return out
+
+    assert points(3) == points(3)
+
+
+def test_warmup_range_fits_the_budget_and_explicit_conflicts_are_refused():
+    space, notes = fit_to_budget(SearchSpace(), epochs=4, grace_period=2, explicit=False)
+    assert space.warmup_epochs_range == (0, 2) and "narrowed to 0-2" in notes[0]
+    space, notes = fit_to_budget(SearchSpace(), epochs=3, grace_period=None, explicit=False)  # debug: no ASHA
+    assert space.warmup_epochs_range == (0, 2) and "within --epochs 3" in notes[0]
+    assert fit_to_budget(SearchSpace(), epochs=20, grace_period=5, explicit=False) == (SearchSpace(), [])
+    with pytest.raises(ConfigError, match="--warmup-epochs-range 0,5: a warmup of 5 epochs never ends within --epochs 4"):
+        fit_to_budget(SearchSpace(), epochs=4, grace_period=2, explicit=True)
+    space, notes = fit_to_budget(SearchSpace(warmup_epochs_range=(0, 3)), epochs=8, grace_period=2, explicit=True)
+    assert space.warmup_epochs_range == (0, 3) and notes[0].startswith("warning: warmups of up to 3 epochs")
+
+
+def test_tpe_start_up_is_sized_to_the_sweep():
+    from search.rundir import SweepSettings
+    from search.tuner import sampler_settings
+
+    small, large = sampler_settings(SweepSettings(name="a", num_samples=12)), sampler_settings(SweepSettings(name="b", num_samples=200))
+    assert small["n_startup_trials"] == 3 and large["n_startup_trials"] == 10  # Optuna's default is 10 at any size
+    assert small["constant_liar"] and small["multivariate"]
+
+
+def test_trial_resources_come_from_the_clusters_nodes_not_the_driver():
+    from search.cluster import concurrent_trials, default_cpus_per_trial
+    from search.rundir import SweepSettings
+
+    head, gpu_node = {"CPU": 4}, {"CPU": 32, "GPU": 4}  # a KubeRay head without GPUs, one GPU worker
+    assert default_cpus_per_trial([head, gpu_node], gpus_per_trial=1) == 8
+    assert default_cpus_per_trial([head, gpu_node, {"CPU": 16, "GPU": 4}], gpus_per_trial=2) == 8  # fits every GPU node
+    assert default_cpus_per_trial([head, gpu_node], gpus_per_trial=0) == 1
+    settings = SweepSettings(name="x", gpus=4, gpus_per_trial=1, cpus_per_trial=1)
+    assert concurrent_trials(settings, total_cpus=2, total_gpus=4) == (2, "CPUs")
+    assert concurrent_trials(settings, total_cpus=36, total_gpus=4) == (4, "GPUs")
+
+
+def test_ddp_backend_is_chosen_from_the_workers_devices():
+    from search.trainable import backend_for
+
+    assert backend_for([True, True]) == "nccl"  # GPU workers, whatever the driver has
+    assert backend_for([False, False]) == "gloo"  # logical GPUs on CPU machines
+    assert backend_for([True, False]) == "gloo"
+
+
+def test_report_and_retrain_import_without_ray():
+    code = "import sys, search.report, search.retrain, search.trials, search.rundir; print('ray' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
 
 
 # ----------------------------------------------------------------------------- CLI validation
@@ -70,6 +150,8 @@ def test_space_file_typo_and_bad_ranges(tmp_path):
         (["--fixed", "lr=0.1"], "--fixed lr: searched parameter"),
         (["--gpus", "abc"], "argument --gpus: invalid float value"),
         (["--resume", "--name", "never-ran"], "--resume: no sweep named 'never-ran'"),
+        (["--resume", "--name", "x", "--num-samples", "9"], "--resume continues the sweep as it was created, so --num-samples cannot change"),
+        (["--epochs", "4", "--warmup-epochs-range", "0,4"], "--warmup-epochs-range 0,4: a warmup of 4 epochs never ends within --epochs 4"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, message, tmp_path):
@@ -77,6 +159,18 @@ def test_bad_flags_exit_2_with_one_line(args, message, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_that_fails_on_its_data_does_not_claim_its_name(paths, tmp_path):
+    broken = tmp_path / "broken"
+    (broken / "train").mkdir(parents=True)  # no annotation file, no valid/test split
+    args = ["-m", "search.run", "--storage", str(tmp_path / "results"), "--name", "first", "--data", str(broken),
+            "--no-dashboard", *conftest.TINY_SWEEP]
+    proc = run_cli(*args, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "results" / "first" / "sweep.json").exists()
+    retry = run_cli(*args, timeout=120)  # the same name again: the data error, not "already holds a sweep"
+    assert retry.returncode == 2 and "already holds a sweep" not in retry.stderr and retry.stderr == proc.stderr
 
 
 def test_unknown_space_name_in_file_exits_2(tmp_path):
@@ -91,7 +185,7 @@ def test_unknown_space_name_in_file_exits_2(tmp_path):
 def test_trials_table_keeps_all_digit_trial_ids_as_text(tmp_path):
     # Tune's trial ids are 8 hex digits, sometimes all decimal: pandas would read them as integers,
     # breaking best_config.json (int64 is not JSON) and the merge of rows by id on --resume
-    from search.run import write_best_config
+    from search.rundir import write_best_config
     from search.trials import COLUMNS, read_table, write_table
 
     rows = [dict.fromkeys(COLUMNS) | {"trial_index": i, "trial_id": tid, "status": "COMPLETED", "epochs_run": 2,
@@ -137,8 +231,9 @@ def test_sweep_stops_weak_trials_and_records_every_trial(finished_sweep):
 def test_seed_recipe_is_trial_zero(finished_sweep):
     run_dir, _ = finished_sweep
     first = pd.read_csv(run_dir / "trials.csv").iloc[0]
-    point, _ = seed_point(SearchSpace(resize_choices=[64], lr_range=(1e-3, 5e-3)))
-    assert first["trial_index"] == 0
+    space, _ = fit_to_budget(SearchSpace(resize_choices=[64], lr_range=(1e-3, 5e-3)), epochs=3, grace_period=1, explicit=False)
+    point, _ = seed_point(space)
+    assert first["trial_index"] == 0 and point["warmup_epochs"] == 1  # fitted to the grace period
     for name, value in point.items():
         assert first[name] == pytest.approx(value) if isinstance(value, float) else first[name] == value
 
@@ -154,7 +249,7 @@ def test_best_config_retrained_and_scored_once_on_test(finished_sweep):
         assert final[recipe]["epochs"] == 3 and len(final[recipe]["seeds"]) == 1
         assert (run_dir / "final" / recipe / "seed0" / "model.pt").is_file()
     assert final["best"]["params"] == best["params"]
-    assert any("resize 256 is not among [64]" in n for n in final["notes"])
+    assert any("resize_px 256 is not among [64]" in n for n in final["notes"])
     for name in ("model.pt", "predictions.png", "overlay_best.png", "overlay_worst.png"):
         assert (run_dir / "final" / name).is_file()
     assert (run_dir / "report.html").is_file()

@@ -1,0 +1,33 @@
+"""``python -m search.run --debug``: one trial in this process through ``run_trial``, no Ray at all.
+
+The trial is the seed recipe's point on a tiny budget (2 epochs unless ``--epochs`` is given), so
+a breakpoint anywhere in ``tumorseg`` is hit in the same code path as a real trial's.
+"""
+
+from __future__ import annotations
+
+from search.rundir import SweepSettings
+from search.space import SearchSpace, seed_point
+
+
+def run_debug(settings: SweepSettings, space: SearchSpace, base: dict, explicit_epochs: bool) -> None:
+    from tumorseg.model import load_encoder_state
+
+    from search.trainable import load_search_data, run_trial
+
+    params, notes = seed_point(space)
+    for note in notes:
+        print(f"note: {note}")
+    base = {**base, "epochs": base["epochs"] if explicit_epochs else 2, "num_workers": 0}
+    print(f"debug: one trial in-process, no Ray: {params} for {base['epochs']} epoch(s)")
+    data_dir = settings.resolve_data_dir()
+    encoder_state = load_encoder_state(base["encoder_weights"])
+    data = load_search_data(data_dir, [params["resize_px"]], settings.cache_dir)
+
+    def report(metrics: dict, checkpoint_fn) -> None:
+        keys = ("epoch", "val_dice", "val_loss", "best_val_dice", "failure_reason")
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k in keys}
+        print("report:", shown)
+
+    run_trial(params, base=base, data=data, report=report, encoder_state=encoder_state, extra={"trial_index": 0},
+              log=print, progress=True)

@@ -1,0 +1,207 @@
+"""The run folder's format: what ``search.run`` writes under ``STORAGE/NAME`` and every later stage reads.
+
+    sweep.json         settings, search space, fixed trial config, sampler, command, versions
+    trials.csv         one row per trial (``search.trials``)
+    best_config.json   the best trial's parameters and full TrainConfig
+    tune/              Ray Tune's experiment folder, one ``trial_NNN_<id>/`` per trial
+    final/             the retrain stage (``search.retrain``)
+    report.html        the report (``search.report``)
+
+``results/README.md`` documents each file for users. This module also holds the one trial-naming
+rule (``trial_name``: ``trial_000`` is the first trial, the seed recipe). It imports no Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tumorseg.config import TrainConfig
+from tumorseg.errors import UserError
+
+from search.space import SearchSpace, applicable_params
+from search.storage import is_uri
+
+SWEEP_JSON = "sweep.json"
+TRIALS_CSV = "trials.csv"
+BEST_CONFIG_JSON = "best_config.json"
+TUNE_DIR = "tune"  # Ray's experiment folder inside the run folder
+FINAL_DIR = "final"
+REPORT_HTML = "report.html"
+DRIVER_FILES = (SWEEP_JSON, TRIALS_CSV, BEST_CONFIG_JSON, FINAL_DIR)  # what --resume downloads from a URI
+
+
+@dataclass
+class SweepSettings:
+    """How the sweep runs (the space and the trial config are stored beside it in sweep.json)."""
+
+    name: str
+    storage: str = "results"
+    data: str | None = None
+    gpus: float = 0
+    gpus_per_trial: float = 0
+    cpus_per_trial: float | None = None  # None: derived from the cluster's nodes once Ray is up
+    num_samples: int = 16
+    max_concurrent: int = 0  # 0: as many as the resources allow
+    epochs: int = 20
+    grace_period: int = 2
+    reduction_factor: float = 3
+    max_failures: int = 2
+    seed: int = 0
+    retrain_seeds: int = 1
+    address: str | None = None
+    dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8265
+    ray_temp_dir: str | None = None
+    cache_dir: str | None = None
+    points: list[dict] | None = None  # evaluated first; None: the seed recipe
+    reuse_actors: bool = True  # run the next trial in a finished trial's warm process (no re-imports)
+    no_retrain: bool = False
+
+    @property
+    def run_dir(self) -> Path:
+        """The local folder of the driver's files (for a URI storage: ``results/<name>``)."""
+        if is_uri(self.storage):
+            return Path("results").resolve() / self.name
+        return Path(self.storage).expanduser().resolve() / self.name
+
+    @property
+    def ray_root(self) -> str:
+        """Where Ray writes ``tune/`` (results and checkpoints of every node)."""
+        if is_uri(self.storage):
+            return f"{self.storage.rstrip('/')}/{self.name}"
+        return str(self.run_dir)
+
+    @property
+    def tune_path(self) -> str:
+        return f"{self.ray_root}/{TUNE_DIR}"
+
+    def resolve_data_dir(self) -> Path:
+        """The dataset folder: ``--data``, or the built-in synthetic set (written on first use)."""
+        from tumorseg.train import resolve_data_dir
+
+        return resolve_data_dir(Path(self.data) if self.data else None, Path(self.cache_dir) if self.cache_dir else None)
+
+
+# ----------------------------------------------------------------------------- sweep.json
+
+
+def holds_sweep(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is claimed by a sweep (its name cannot be reused without --resume)."""
+    return (Path(run_dir) / SWEEP_JSON).exists() or (Path(run_dir) / TUNE_DIR).exists()
+
+
+def write_sweep_json(run_dir: Path, settings: SweepSettings, space: SearchSpace, base: dict, *,
+                     notes: list[str], sampler: dict, argv: list[str]) -> None:
+    payload = {
+        "settings": dataclasses.asdict(settings),
+        "space": space.to_dict(),
+        "base_config": base,
+        "seed_point_notes": notes,
+        "sampler": sampler,
+        "command": "python -m search.run " + " ".join(shlex.quote(a) for a in argv),
+        "versions": package_versions(),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    _write_json(Path(run_dir) / SWEEP_JSON, payload)
+
+
+def read_sweep_json(run_dir: Path) -> dict:
+    path = Path(run_dir) / SWEEP_JSON
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: is {run_dir} a search.run output folder?") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+
+
+def load_sweep(run_dir: Path) -> tuple[SweepSettings, SearchSpace, dict, dict]:
+    """``(settings, space, base config, the whole sweep.json)`` of the sweep in ``run_dir``."""
+    payload = read_sweep_json(run_dir)
+    known = {f.name for f in dataclasses.fields(SweepSettings)}
+    settings = SweepSettings(**{k: v for k, v in payload["settings"].items() if k in known})
+    if not is_uri(settings.storage):
+        settings.storage = str(Path(run_dir).resolve().parent)  # the folder may have moved
+    settings.name = Path(run_dir).resolve().name
+    return settings, SearchSpace.from_dict(payload["space"]), payload["base_config"], payload
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["tumorseg", "torch", "torchvision", "segmentation-models-pytorch", "albumentations", "ray", "optuna",
+             "accelerate", "pandas", "plotly", "numpy"]
+    versions = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+# ----------------------------------------------------------------------------- best_config.json
+
+
+def write_best_config(run_dir: Path, base: dict) -> dict | None:
+    """``best_config.json`` from the trials table (None, and no file, when no trial scored)."""
+    from search.trials import best_trial, read_table
+
+    row = best_trial(read_table(run_dir))
+    if row is None:
+        return None
+    params = applicable_params(row.to_dict())
+    best = {
+        "trial_id": row["trial_id"],
+        "trial_index": int(row["trial_index"]),
+        "best_val_dice": float(row["best_val_dice"]),
+        "params": params,
+        "config": TrainConfig.from_dict({**base, **params}).to_dict(),
+    }
+    _write_json(Path(run_dir) / BEST_CONFIG_JSON, best)
+    return best
+
+
+def read_best_params(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / BEST_CONFIG_JSON
+    return json.loads(path.read_text())["params"] if path.is_file() else None
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)  # readers never see half a file
+
+
+# ----------------------------------------------------------------------------- trial names
+
+
+def trial_name(trial: Any) -> str:
+    """``trial_000`` for the first trial (the seed recipe): Tune's experiment tag starts with its 1-based order."""
+    return f"trial_{int(trial.experiment_tag.split('_', 1)[0]) - 1:03d}"
+
+
+def trial_dirname(trial: Any) -> str:
+    """A trial's folder under ``tune/``: its name and Tune's trial id."""
+    return dir_for(trial_name(trial), trial.trial_id)
+
+
+def dir_for(name: str, trial_id: str) -> str:
+    return f"{name}_{trial_id}"
+
+
+def trial_index(name: str) -> int | None:
+    """The trial's order from its name (``trial_003`` -> 3)."""
+    try:
+        return int(str(name).split("_")[1])
+    except (IndexError, ValueError):
+        return None

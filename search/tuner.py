@@ -1,0 +1,100 @@
+"""The Tune experiment: Optuna's TPE proposes, ASHA stops, Tune runs the trainable.
+
+``METRIC`` is what ASHA compares at its rungs and what TPE learns from: the best native-resolution
+validation Dice a trial has reached so far. One epoch's Dice is noisy early on; the running best is
+what the trial would be selected by, and it is the score trials.csv and the report rank.
+"""
+
+from __future__ import annotations
+
+from search.rundir import TUNE_DIR, SweepSettings, trial_dirname, trial_name
+from search.space import SearchSpace, define_by_run, seed_point
+
+METRIC = "best_val_dice"
+
+
+def sampler_settings(settings: SweepSettings) -> dict:
+    """TPE's settings for this sweep (recorded in sweep.json).
+
+    Optuna's default of 10 random start-up trials would make a 12-16 trial sweep mostly random
+    search: a quarter of the budget (3 to 10 trials, the seed recipe included) is random, the rest
+    TPE. ``multivariate`` + ``group`` model the conditional loss parameters jointly; the constant
+    liar keeps trials proposed while others still run from all landing on the same point.
+    """
+    return {
+        "name": "TPESampler",
+        "n_startup_trials": max(3, min(10, settings.num_samples // 4)),
+        "multivariate": True,
+        "group": True,
+        "constant_liar": True,
+        "seed": settings.seed,
+    }
+
+
+def make_searcher(settings: SweepSettings, space: SearchSpace, max_concurrent: int):
+    import warnings
+
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    options = {k: v for k, v in sampler_settings(settings).items() if k != "name"}
+    with warnings.catch_warnings():  # multivariate/group are marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(**options)
+    points = settings.points or [seed_point(space)[0]]
+    searcher = OptunaSearch(space=define_by_run(space), metric=METRIC, mode="max", points_to_evaluate=points, sampler=sampler)
+    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+
+
+def make_scheduler(settings: SweepSettings):
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", metric=METRIC, mode="max", max_t=settings.epochs,
+                         grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
+
+
+def make_trainable(settings: SweepSettings, base: dict, data, encoder_state):
+    """The trainable with its shared inputs bound (data through the object store, once) and its resources."""
+    import ray
+    from ray import tune
+
+    from search.trainable import COORDINATOR_CPUS, tune_trainable
+
+    workers = int(settings.gpus_per_trial) if settings.gpus_per_trial > 1 else 1
+    # data-parallel trials: the Tune trial only waits on its TorchTrainer, whose workers hold the
+    # GPUs and CPUs; Ray needs a non-empty request, so the coordinator takes a token share of CPU
+    resources = {"cpu": COORDINATOR_CPUS} if workers > 1 else {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
+    bound = tune.with_parameters(tune_trainable, base=base, data_ref={"ref": ray.put(data)}, encoder_state=encoder_state,
+                                 threads=settings.cpus_per_trial, workers=workers, storage=settings.tune_path)
+    return tune.with_resources(bound, resources)
+
+
+def make_tuner(settings: SweepSettings, space: SearchSpace, trainable, max_concurrent: int, callbacks: list):
+    from ray import tune
+
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(settings, space, max_concurrent),
+            scheduler=make_scheduler(settings),
+            num_samples=settings.num_samples,
+            reuse_actors=settings.reuse_actors,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=settings.ray_root,
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest epoch's state
+            callbacks=callbacks,
+            verbose=1,
+        ),
+    )
+
+
+def restore_tuner(settings: SweepSettings, trainable):
+    from ray import tune
+
+    return tune.Tuner.restore(settings.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
