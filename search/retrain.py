@@ -47,7 +47,8 @@ def retrain(run_dir: Path, seeds: int | None = None, log=print) -> dict:
     """Run what is missing under ``run_dir/final`` and write ``final/metrics.json``."""
     from tumorseg.data import load_dataset
     from tumorseg.model import load_encoder_state
-    from tumorseg.train import train, write_run_outputs
+    from tumorseg.engine import train
+    from tumorseg.train import write_run_outputs
 
     run_dir = Path(run_dir)
     settings, _, base, _ = load_sweep(run_dir)

@@ -72,7 +72,7 @@ def run_trial(
     progress: bool = False,
 ) -> None:
     """Train ``base`` + ``params`` and report each epoch; ``extra`` is added to every report."""
-    from tumorseg.train import NonFiniteLossError, TrainingOOMError, train
+    from tumorseg.engine import NonFiniteLossError, TrainingOOMError, train
 
     cfg = TrainConfig.from_dict({**base, **params})
     extra = dict(extra or {})

@@ -9,7 +9,10 @@ from conftest import run_cli
 from tumorseg.config import ConfigError, TrainConfig
 from tumorseg.data import load_dataset
 from tumorseg.metrics import SegmentationMeter
-from tumorseg.train import WarmupThenPlateau, evaluate, load_model, predict_logits, train
+from tumorseg.checkpoint import load_model
+from tumorseg.engine import evaluate, train
+from tumorseg.inference import predict_logits
+from tumorseg.schedule import WarmupThenPlateau
 
 FAST = dict(resize_px=64, batch_size=8, lr=5e-3, warmup_epochs=0, encoder_weights="none", num_workers=0)
 
@@ -87,7 +90,7 @@ def test_on_epoch_state_resumes_the_run(data64):
 
 
 def test_non_finite_loss_stops_training(data64):
-    from tumorseg.train import NonFiniteLossError
+    from tumorseg.engine import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError):
         train(TrainConfig(epochs=1, **{**FAST, "lr": 1e30}), data64, log=None)
