@@ -104,3 +104,37 @@ def test_perfect_prediction_has_near_zero_dice_loss():
     target[..., :2, :2] = 1
     loss = create_loss(TrainConfig(loss_type="dice"))(torch.where(target > 0, BIG, -BIG), target)
     assert loss.item() < 1e-3 and not math.isnan(loss.item())
+
+
+def test_metrics_agree_with_smp_metrics_on_random_masks():
+    import segmentation_models_pytorch.metrics as smp_metrics
+
+    gen = torch.Generator().manual_seed(0)
+    density = torch.rand(16, 1, 1, 1, generator=gen)
+    pred = torch.rand(16, 1, 24, 40, generator=gen) < density
+    true = torch.rand(16, 1, 24, 40, generator=gen) < density.flip(0)
+    pred[0], true[0] = False, False  # empty / empty
+    true[1] = False  # false positives only
+    pred[2] = False  # missed tumour
+    tp, fp, fn, tn = smp_metrics.get_stats(pred.long(), true.long(), mode="binary")
+    counts = confusion_counts(pred, true).numpy()
+    np.testing.assert_array_equal(counts, torch.cat([tp, fp, fn], 1).numpy())
+
+    imagewise = dict(reduction="micro-imagewise", zero_division=1.0)  # per image, then the mean; empty/empty = 1
+    smp_dice = smp_metrics.f1_score(tp, fp, fn, tn, **imagewise).item()
+    assert dice_per_image(counts).mean() == pytest.approx(smp_dice, abs=1e-6)
+    assert iou_per_image(counts).mean() == pytest.approx(smp_metrics.iou_score(tp, fp, fn, tn, **imagewise).item(), abs=1e-6)
+    pooled = pooled_scores(counts)
+    micro = dict(reduction="micro", zero_division=0.0)  # counts pooled over the split first
+    for name, smp_fn in (("precision", smp_metrics.precision), ("recall", smp_metrics.recall), ("f1", smp_metrics.f1_score)):
+        assert pooled[name] == pytest.approx(smp_fn(tp, fp, fn, tn, **micro).item(), abs=1e-6), name
+
+    meter = SegmentationMeter(threshold=0.5)  # the same through the meter, from logits
+    meter.update(torch.where(pred, BIG, -BIG), true)
+    m = meter.compute()
+    assert m["dice"] == pytest.approx(smp_dice, abs=1e-6)
+    assert m["f1"] == pytest.approx(smp_metrics.f1_score(tp, fp, fn, tn, **micro).item(), abs=1e-6)
+
+    # where smp differs: nothing predicted in the whole split (pooled 0/0) is nan in smp 0.6's "micro"
+    # (zero_division is not applied there); ours is 0 by definition (tumorseg.metrics)
+    assert pooled_scores(np.array([[0, 0, 5]])) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}

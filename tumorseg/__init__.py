@@ -9,7 +9,13 @@ Modules, one concern each:
 - ``model``      ``create_model`` (smp UNet-ResNet18) and encoder weights
 - ``losses``     ``create_loss`` from smp's Dice / BCE / focal losses
 - ``metrics``    per-image Dice/IoU and pooled pixel precision/recall/F1
-- ``train``      one training run: ``train_one_epoch``, ``evaluate``, ``train``, ``main``
+- ``schedule``   ``WarmupThenPlateau``: linear warmup, then ReduceLROnPlateau on val loss
+- ``inference``  model input, logits, the one threshold and the one evaluation precision
+- ``checkpoint`` ``model.pt`` files and state copies (plain keys, also after ``torch.compile``)
+- ``engine``     one training run: ``train_one_epoch``, ``evaluate``, ``train``
+- ``train``      the ``python -m tumorseg.train`` command line
+- ``predict``, ``visualize``  masks for new images, prediction overlays
+- ``cli``        argparse helpers, flags generated from dataclass fields
 """
 
 __version__ = "0.1.0"

@@ -49,7 +49,7 @@ def bench_cache(data_dir: Path, size_px: int, repeats: int) -> tuple[float, floa
 
 def loader_images_per_s(split, cfg: TrainConfig, workers: int, batches: int = 40) -> float:
     """Images/s of the training DataLoader alone (``workers`` processes; 0 = in the main process)."""
-    from tumorseg.train import build_train_loader
+    from tumorseg.engine import build_train_loader
 
     loader = build_train_loader(split, cfg.replace(num_workers=workers))
     it = iter(loader)
@@ -71,7 +71,8 @@ def step_images_per_s(size_px: int, precision: str, batch: int = 16, steps: int 
     """Images/s of forward + backward + AdamW step on random data (no loader)."""
     from tumorseg.losses import create_loss
     from tumorseg.model import create_model
-    from tumorseg.train import make_accelerator, to_input
+    from tumorseg.engine import make_accelerator
+    from tumorseg.inference import to_input
 
     cfg = TrainConfig(resize_px=size_px, precision=precision, encoder_weights="none", batch_size=batch)
     accelerator = make_accelerator(cfg)
@@ -103,17 +104,16 @@ def step_images_per_s(size_px: int, precision: str, batch: int = 16, steps: int 
 
 def evaluate_seconds(data_dir: Path, size_px: int) -> float:
     """Seconds for one validation pass (native-resolution metrics) of an untrained model."""
+    from tumorseg.engine import evaluate
     from tumorseg.losses import create_loss
     from tumorseg.model import create_model
-    from tumorseg.train import evaluate
 
     cfg = TrainConfig(resize_px=size_px, encoder_weights="none")
     valid = load_split(data_dir, "valid", size_px, native=True)
     model = create_model(None).to(memory_format=torch.channels_last)
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731 - as in training on this CPU
-    evaluate(model, valid, cfg, create_loss(cfg), autocast)  # warm-up
+    evaluate(model, valid, cfg, create_loss(cfg))  # warm-up; the evaluation precision of training (tumorseg.inference)
     t0 = time.perf_counter()
-    evaluate(model, valid, cfg, create_loss(cfg), autocast)
+    evaluate(model, valid, cfg, create_loss(cfg))
     return time.perf_counter() - t0
 
 

@@ -20,38 +20,44 @@ PRECISIONS = ("auto", "bf16", "fp32")
 SEED_REPORTED_TEST_METRICS = {"f1": 0.199, "precision": 0.139, "recall": 0.348, "dice_loss": 0.7768}
 
 
+def _field(default, help: str, **metadata: Any):
+    """A dataclass field with its CLI metadata (``tumorseg.cli.add_dataclass_arguments`` reads it)."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclass
 class TrainConfig:
     # --- input ---
-    resize_px: int = 256
+    resize_px: int = _field(256, "training size in px (square; a multiple of 32)", flag="--resize")
     # --- loss: which terms and their weights (only the weights of the chosen loss_type matter) ---
-    loss_type: str = "dice_bce"
-    dice_weight: float = 0.75
-    bce_weight: float = 1.25
-    focal_weight: float = 1.0
-    focal_gamma: float = 2.0
+    loss_type: str = _field("dice_bce", "loss terms", flag="--loss", choices=LOSS_TYPES)
+    dice_weight: float = _field(0.75, "weight of the Dice term")
+    bce_weight: float = _field(1.25, "weight of the BCE term (loss dice_bce)")
+    focal_weight: float = _field(1.0, "weight of the focal term (loss dice_focal)")
+    focal_gamma: float = _field(2.0, "focal loss gamma (loss dice_focal)")
     # --- optimiser and schedule: AdamW, linear warmup, then ReduceLROnPlateau on val loss ---
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_epochs: int = 2  # the seed run's warmup length was not recorded; 2 of 20 epochs (10 %)
-    plateau_factor: float = 0.5
-    plateau_patience: int = 3
-    batch_size: int = 16
-    epochs: int = 20
+    lr: float = _field(1e-4, "AdamW peak learning rate")
+    weight_decay: float = _field(0.01, "AdamW weight decay")
+    # the seed run's warmup length was not recorded; 2 of 20 epochs (10 %)
+    warmup_epochs: int = _field(2, "epochs of linear learning-rate warmup (per step)")
+    plateau_factor: float = _field(0.5, "ReduceLROnPlateau factor on val loss, in (0, 1)")
+    plateau_patience: int = _field(3, "ReduceLROnPlateau patience in epochs")
+    batch_size: int = _field(16, "training batch size (global, over all processes)")
+    epochs: int = _field(20, "training epochs")
     # --- augmentation (train only): flips, small rotation/translation, brightness/contrast jitter ---
-    rotate_deg: float = 15.0
-    translate_frac: float = 0.05
-    jitter_strength: float = 0.2
+    rotate_deg: float = _field(15.0, "largest random rotation in degrees")
+    translate_frac: float = _field(0.05, "largest random shift as a fraction of the image size")
+    jitter_strength: float = _field(0.2, "brightness/contrast jitter strength")
     # --- model ---
-    encoder_weights: str = "imagenet"  # "imagenet" | "none" | path to a weights file
+    encoder_weights: str = _field("imagenet", "encoder weights: imagenet | none | path to a weights file")
     # --- execution ---
-    seed: int = 0
-    precision: str = "auto"  # bf16 autocast where the device supports it, else fp32
-    channels_last: bool = True
-    compile: bool = False
-    num_workers: int = 2  # DataLoader worker processes for the train split
-    eval_batch_size: int = 32
-    threshold: float = 0.5  # probability above which a pixel is tumour
+    seed: int = _field(0, "random seed (weights, shuffling, augmentation)")
+    precision: str = _field("auto", "auto: bf16 autocast where the device supports it, else fp32", choices=PRECISIONS)
+    channels_last: bool = _field(True, "channels-last memory format")
+    compile: bool = _field(False, "torch.compile the model")
+    num_workers: int = _field(2, "DataLoader worker processes for the train split")
+    eval_batch_size: int = _field(32, "batch size of evaluation and prediction")
+    threshold: float = _field(0.5, "probability above which a pixel is tumour, in (0, 1)")
 
     def __post_init__(self) -> None:
         self.validate()

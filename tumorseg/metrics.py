@@ -17,17 +17,18 @@ per image ``TP = |P & T|``, ``FP = |P & ~T|``, ``FN = |~P & T|``):
 
 The thresholded metrics are computed at each image's native resolution (logits upsampled
 bilinearly to it, masks rasterised there from the polygons), so runs trained at different sizes
-are compared on the same pixels. ``p > threshold`` is decided on the logits
-(``logit > log(t / (1 - t))``), which is the same test without a sigmoid per native pixel.
+are compared on the same pixels. ``p > threshold`` is ``tumorseg.inference.mask_from_logits``,
+the one threshold test of predictions, overlays and metrics.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from tumorseg.inference import mask_from_logits
 
 
 def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -74,8 +75,8 @@ class SegmentationMeter:
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         """Counts from ``logits`` and ``target`` ``(B, 1, H, W)`` at the native resolution."""
-        cut = math.log(self.threshold / (1 - self.threshold))  # p > t  <=>  logit > cut
-        self.counts.append(confusion_counts(logits > cut, target.to(logits.device)).cpu().numpy())
+        pred = mask_from_logits(logits, self.threshold)
+        self.counts.append(confusion_counts(pred, target.to(logits.device)).cpu().numpy())
 
     def update_soft(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         """Soft Dice sums from ``logits`` and ``target`` at the training resolution."""

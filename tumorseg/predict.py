@@ -13,14 +13,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from tumorseg.cli import ArgumentParser, exit_on_user_error
 from tumorseg.data import decode_gray
 from tumorseg.errors import DataError
-from tumorseg.train import load_model, predict_logits
+from tumorseg.checkpoint import load_model
+from tumorseg.inference import predict_masks
 from tumorseg.visualize import overlay
 
 
@@ -34,9 +33,7 @@ def predict_file(model, cfg, path: Path) -> np.ndarray:
     except OSError as err:
         raise DataError(f"{path}: unreadable image ({err})") from None
     small = decode_gray(path, cfg.resize_px, native_hw)
-    logits = predict_logits(model, small[None], cfg)
-    native = F.interpolate(logits, size=native_hw, mode="bilinear", align_corners=False)
-    return (native[0, 0] > 0).to(torch.uint8).numpy()  # logit > 0 <=> probability > 0.5
+    return predict_masks(model, small[None], cfg, native_hw)[0]  # probability > cfg.threshold
 
 
 def main(argv=None) -> None:

@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw
 
 from tumorseg.config import TrainConfig
 from tumorseg.data import Split
+from tumorseg.inference import predict_masks
 
 TRUE_RGB = (40, 220, 60)
 PRED_RGB = (235, 50, 50)
@@ -36,12 +37,11 @@ def pick_spread(scores: np.ndarray, count: int) -> list[int]:
 
 
 def prediction_tiles(model, split: Split, cfg: TrainConfig, indices: list[int], labels: list[str]) -> list[Image.Image]:
-    from tumorseg.train import predict_logits
-
-    logits = predict_logits(model, split.images[indices], cfg).cpu().numpy()[:, 0]
+    """Overlays at training resolution, predicted with ``cfg.threshold`` (``tumorseg.inference``)."""
+    masks = predict_masks(model, split.images[indices], cfg)
     tiles = []
     for i, index in enumerate(indices):
-        tile = overlay(split.images[index], split.masks[index], logits[i] > 0).resize((192, 192), Image.Resampling.NEAREST)
+        tile = overlay(split.images[index], split.masks[index], masks[i]).resize((192, 192), Image.Resampling.NEAREST)
         ImageDraw.Draw(tile).text((4, 4), labels[i], fill=(255, 255, 0))
         tiles.append(tile)
     return tiles

@@ -1,0 +1,98 @@
+"""Running a trained model: input preparation, logits, the one threshold, native-size masks.
+
+Validation (every epoch, selects the best epoch), the test pass of ``write_run_outputs``,
+``tumorseg.predict`` and the overlays of ``tumorseg.visualize`` all go through this module, so they
+see the same numbers:
+
+- **One evaluation precision.** Evaluation runs under the training precision: bf16 autocast where
+  ``cfg.precision`` allows it and the device supports it (``uses_bf16``), else fp32. Validation runs
+  every epoch of every trial of a sweep, so it should cost what a training forward costs; evaluating
+  the test split (and a reloaded ``model.pt``) the same way means the numbers that selected the
+  model are the numbers it reports, bit for bit on the same device. (fp32 everywhere would also be
+  consistent, but slows every validation pass and needs the training model's autocast wrapper
+  taken off and put back each epoch.)
+- **One threshold.** A pixel is tumour when its probability is above ``cfg.threshold``
+  (``mask_from_logits``); decided on the logits (``logit > log(t / (1 - t))``), the same test
+  without a sigmoid per pixel. ``tumorseg.metrics`` uses the same function.
+- **Native size.** Logits are upsampled bilinearly to an image's native size (``to_native``)
+  before thresholding wherever a native-resolution mask is wanted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tumorseg.config import TrainConfig
+from tumorseg.transforms import normalize
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 fast enough to train in it."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # CPU: oneDNN bf16 kernels need AVX512-BF16 or AMX; elsewhere bf16 is slower than fp32
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """The precision policy: bf16 autocast unless ``cfg.precision`` is fp32 or the device lacks bf16."""
+    return cfg.precision != "fp32" and bf16_supported(torch.device(device))
+
+
+def eval_autocast(cfg: TrainConfig, device: torch.device):
+    """The autocast context of every evaluation forward pass (validation, test, predict)."""
+    device = torch.device(device)
+    if uses_bf16(cfg, device):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 ``(B, 1, H, W)`` -> normalised float on ``device`` (non-blocking from pinned memory)."""
+    x = normalize(images.to(device, non_blocking=True))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def forward_logits(model: torch.nn.Module, images: np.ndarray, cfg: TrainConfig) -> torch.Tensor:
+    """fp32 logits ``(B, 1, S, S)`` of uint8 images ``(B, S, S)``, under the evaluation precision."""
+    device = model_device(model)
+    x = to_input(torch.from_numpy(np.array(images)[:, None]), device, cfg.channels_last)
+    with eval_autocast(cfg, device):
+        return model(x).float()
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: np.ndarray, cfg: TrainConfig) -> torch.Tensor:
+    """Logits at training resolution for uint8 ``(N, S, S)`` images, in ``eval_batch_size`` chunks."""
+    model.eval()
+    chunks = [forward_logits(model, images[start : start + cfg.eval_batch_size], cfg)
+              for start in range(0, len(images), cfg.eval_batch_size)]
+    return torch.cat(chunks)
+
+
+def to_native(logits: torch.Tensor, native_hw: tuple[int, int]) -> torch.Tensor:
+    """Logits ``(B, 1, S, S)`` upsampled bilinearly to the native ``(H, W)``."""
+    return F.interpolate(logits, size=tuple(native_hw), mode="bilinear", align_corners=False)
+
+
+def mask_from_logits(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Boolean mask: probability ``sigmoid(logit) > threshold`` (strict), decided on the logits."""
+    return logits > math.log(threshold / (1 - threshold))
+
+
+@torch.no_grad()
+def predict_masks(model: torch.nn.Module, images: np.ndarray, cfg: TrainConfig, native_hw=None) -> np.ndarray:
+    """uint8 {0, 1} masks ``(N, H, W)``: at ``native_hw`` if given, else at training resolution."""
+    logits = predict_logits(model, images, cfg)
+    if native_hw is not None:
+        logits = to_native(logits, native_hw)
+    return mask_from_logits(logits, cfg.threshold)[:, 0].to(torch.uint8).cpu().numpy()
