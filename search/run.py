@@ -165,7 +165,9 @@ def fit(settings: SweepSettings, space: SearchSpace, base: dict, data, encoder_s
 def finish(settings: SweepSettings, base: dict, finished: bool) -> None:
     """best_config.json, the retrain, the report, the upload: whatever the sweep left."""
     run_dir = settings.run_dir
-    best = rundir.write_best_config(run_dir, base)
+    from search.trials import write_best_config
+
+    best = write_best_config(run_dir, base)
     if not finished:
         print(f"sweep interrupted: what finished is in {run_dir}/{rundir.TRIALS_CSV}; continue with "
               f"python -m search.run --name {settings.name} --storage {settings.storage} --resume", file=sys.stderr)

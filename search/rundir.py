@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tumorseg.config import TrainConfig
 from tumorseg.errors import UserError
 
-from search.space import SearchSpace, applicable_params
+from search.space import SearchSpace
 from search.storage import is_uri
 
 SWEEP_JSON = "sweep.json"
@@ -111,7 +110,7 @@ def write_sweep_json(run_dir: Path, settings: SweepSettings, space: SearchSpace,
         "versions": package_versions(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    _write_json(Path(run_dir) / SWEEP_JSON, payload)
+    write_json(Path(run_dir) / SWEEP_JSON, payload)
 
 
 def read_sweep_json(run_dir: Path) -> dict:
@@ -152,31 +151,12 @@ def package_versions() -> dict[str, str]:
 # ----------------------------------------------------------------------------- best_config.json
 
 
-def write_best_config(run_dir: Path, base: dict) -> dict | None:
-    """``best_config.json`` from the trials table (None, and no file, when no trial scored)."""
-    from search.trials import best_trial, read_table
-
-    row = best_trial(read_table(run_dir))
-    if row is None:
-        return None
-    params = applicable_params(row.to_dict())
-    best = {
-        "trial_id": row["trial_id"],
-        "trial_index": int(row["trial_index"]),
-        "best_val_dice": float(row["best_val_dice"]),
-        "params": params,
-        "config": TrainConfig.from_dict({**base, **params}).to_dict(),
-    }
-    _write_json(Path(run_dir) / BEST_CONFIG_JSON, best)
-    return best
-
-
 def read_best_params(run_dir: Path) -> dict | None:
     path = Path(run_dir) / BEST_CONFIG_JSON
     return json.loads(path.read_text())["params"] if path.is_file() else None
 
 
-def _write_json(path: Path, payload: dict) -> None:
+def write_json(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)  # readers never see half a file

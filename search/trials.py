@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from search.rundir import TRIALS_CSV, trial_index
-from search.space import PARAM_NAMES
+from tumorseg.config import TrainConfig
+
+from search.rundir import BEST_CONFIG_JSON, TRIALS_CSV, trial_index, write_json
+from search.space import PARAM_NAMES, applicable_params
 
 PARAM_COLUMNS = list(PARAM_NAMES)
 COLUMNS = [
@@ -103,3 +105,20 @@ def best_trial(table: pd.DataFrame | None):
     if usable.empty:
         return None
     return usable.sort_values(["best_val_dice", "trial_index"], ascending=[False, True], kind="stable").iloc[0]
+
+
+def write_best_config(run_dir: Path, base: dict) -> dict | None:
+    """``best_config.json`` from the trials table (None, and no file, when no trial scored)."""
+    row = best_trial(read_table(run_dir))
+    if row is None:
+        return None
+    params = applicable_params(row.to_dict())
+    best = {
+        "trial_id": row["trial_id"],
+        "trial_index": int(row["trial_index"]),
+        "best_val_dice": float(row["best_val_dice"]),
+        "params": params,
+        "config": TrainConfig.from_dict({**base, **params}).to_dict(),
+    }
+    write_json(Path(run_dir) / BEST_CONFIG_JSON, best)
+    return best

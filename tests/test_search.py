@@ -185,8 +185,7 @@ def test_unknown_space_name_in_file_exits_2(tmp_path):
 def test_trials_table_keeps_all_digit_trial_ids_as_text(tmp_path):
     # Tune's trial ids are 8 hex digits, sometimes all decimal: pandas would read them as integers,
     # breaking best_config.json (int64 is not JSON) and the merge of rows by id on --resume
-    from search.rundir import write_best_config
-    from search.trials import COLUMNS, read_table, write_table
+    from search.trials import COLUMNS, read_table, write_best_config, write_table
 
     rows = [dict.fromkeys(COLUMNS) | {"trial_index": i, "trial_id": tid, "status": "COMPLETED", "epochs_run": 2,
                                       "best_val_dice": dice, "resize_px": 64, "loss_type": "dice", "lr": 1e-3,
