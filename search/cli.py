@@ -92,11 +92,28 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
     return set(vars(known))
 
 
-def check_resume_flags(given: set[str]) -> None:
-    """``--resume`` continues a sweep as it was created: refuse flags that would change it."""
-    fixed = sorted(given - RESUMABLE_FLAGS)
-    if fixed:
-        flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
+def check_resume_flags(given: set[str], new: tuple[SweepSettings, SearchSpace, dict], saved: tuple[SweepSettings, SearchSpace, dict]) -> None:
+    """``--resume`` continues a sweep as it was created: refuse given flags that would change it.
+
+    A flag repeated with the sweep's own value is fine (rerunning the same command with
+    ``--resume`` works); the runtime flags in ``RESUMABLE_FLAGS`` may change.
+    """
+    (settings, space, base), (old_settings, old_space, old_base) = new, saved
+
+    def differs(dest: str) -> bool:
+        if dest in ("space", "debug"):
+            return dest == "debug" or space.to_dict() != old_space.to_dict()
+        if dest == "fixed":
+            return any(base.get(k) != old_base.get(k) for k in base)
+        if hasattr(old_settings, dest):
+            return getattr(settings, dest) != getattr(old_settings, dest)
+        if hasattr(old_space, dest):
+            return getattr(space, dest) != getattr(old_space, dest)
+        return base.get(dest) != old_base.get(dest)
+
+    changed = sorted(dest for dest in given - RESUMABLE_FLAGS if differs(dest))
+    if changed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
         raise ConfigError(f"--resume continues the sweep as it was created, so {flags} cannot change "
                           f"(Ray Tune restores its trial count, searcher and scheduler as saved); "
                           f"only {', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE_FLAGS - {'resume', 'name'}))} may")

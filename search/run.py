@@ -51,9 +51,9 @@ def run(args, argv: list[str], given: set[str]) -> None:
         run_debug(settings, space, base, explicit_epochs="epochs" in given)
         return
     if args.resume:
-        check_resume_flags(given)
-        settings, space, base, payload = resume_settings(settings, given)
-        notes = payload.get("seed_point_notes", [])
+        saved_settings, saved_space, saved_base, payload = resume_settings(settings, given)
+        check_resume_flags(given, (settings, space, base), (saved_settings, saved_space, saved_base))
+        settings, space, base, notes = saved_settings, saved_space, saved_base, payload.get("seed_point_notes", [])
         print(f"resuming {settings.run_dir}")
     elif rundir.holds_sweep(settings.run_dir):
         raise ConfigError(f"--name {settings.name!r}: {settings.run_dir} already holds a sweep; continue it with "

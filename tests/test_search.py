@@ -150,7 +150,6 @@ def test_report_and_retrain_import_without_ray():
         (["--fixed", "lr=0.1"], "--fixed lr: searched parameter"),
         (["--gpus", "abc"], "argument --gpus: invalid float value"),
         (["--resume", "--name", "never-ran"], "--resume: no sweep named 'never-ran'"),
-        (["--resume", "--name", "x", "--num-samples", "9"], "--resume continues the sweep as it was created, so --num-samples cannot change"),
         (["--epochs", "4", "--warmup-epochs-range", "0,4"], "--warmup-epochs-range 0,4: a warmup of 4 epochs never ends within --epochs 4"),
     ],
 )
@@ -265,6 +264,13 @@ def test_same_name_without_resume_is_refused(finished_sweep, paths, tmp_path):
 
 
 # ----------------------------------------------------------------------------- resume
+
+
+def test_resume_refuses_flags_that_would_change_the_sweep(finished_sweep, paths, tmp_path):
+    proc = run_cli(*sweep_args(paths, tmp_path, "six", "--resume", "--num-samples", "9", "--lr-range", "1e-3,5e-3"), timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--resume continues the sweep as it was created, so --num-samples cannot change" in proc.stderr
+    assert "--lr-range" not in proc.stderr.split("cannot change")[0]  # repeated with its own value: fine
 
 
 def _free_port() -> int:
