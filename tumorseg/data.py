@@ -198,7 +198,7 @@ def _channels(root: Path, splits: dict[str, list[Sample]]) -> int:
         return 1
     channels = next(p.shape[2] for p in probes if p.ndim == 3)
     for sample in samples:
-        if sample.bands is not None and sample.bands != channels:
+        if sample.bands == 1:  # other mismatches are caught when decoding
             raise DataError(
                 f"{root / sample.images[0]} has {sample.bands} channel(s) but the dataset's images have "
                 f"{channels} (e.g. {root / multi[0].images[0]})"

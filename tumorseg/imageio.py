@@ -48,11 +48,21 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
+def _pil_can_decode(image: Image.Image) -> bool:
+    """PIL opens a multi-band TIFF of more than 8 bits as 8-bit (silently wrong): not those."""
+    if image.format != "TIFF" or image.mode in _BITS:
+        return True
+    bits = image.tag_v2.get(258, 8)  # BitsPerSample
+    return max(bits if isinstance(bits, tuple) else (bits,)) <= 8
+
+
 def read_header(path: Path) -> ImageHeader:
     """Size, bands and bit depth of an image file (reads the header only)."""
     try:
         with Image.open(path) as image:
             mode, size = image.mode, image.size
+            if not _pil_can_decode(image):
+                raise OSError("more than 8 bits per band")
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except _READ_ERRORS as err:
@@ -60,9 +70,7 @@ def read_header(path: Path) -> ImageHeader:
         if header is None:
             raise DataError(f"{path}: unreadable or truncated image ({err})") from None
         return header
-    bands = _BANDS.get(mode, len(Image.getmodebands(mode)) if mode in Image.MODES else 3)
-    if mode in ("RGBA", "RGBa", "CMYK"):
-        bands = 3  # alpha dropped; CMYK shown as RGB
+    bands = 4 if mode in ("RGBA", "RGBa") else _BANDS.get(mode, 3)  # a constant alpha is dropped on reading
     return ImageHeader((size[1], size[0]), bands, _BITS.get(mode, 8), mode)
 
 
@@ -81,10 +89,15 @@ def _cv2_read(path: Path) -> np.ndarray | None:
     import cv2
 
     array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if array is not None and array.ndim == 3:
-        array = array[..., ::-1].copy() if array.shape[2] in (3, 4) else array  # BGR(A) -> RGB(A)
-        if array.shape[2] == 4:
-            array = array[..., :3]
+    if array is not None and array.ndim == 3 and array.shape[2] in (3, 4):
+        array = array[..., [2, 1, 0, 3][: array.shape[2]]]  # BGR(A) -> RGB(A)
+    return _drop_constant_alpha(array)
+
+
+def _drop_constant_alpha(array: np.ndarray | None) -> np.ndarray | None:
+    """A 4th band that is constant is an alpha channel, not an MR sequence: drop it."""
+    if array is not None and array.ndim == 3 and array.shape[2] == 4 and array[..., 3].min() == array[..., 3].max():
+        return np.ascontiguousarray(array[..., :3])
     return array
 
 
@@ -92,10 +105,12 @@ def read_pixels(path: Path) -> np.ndarray:
     """All pixels of an image file, ``(H, W)`` or ``(H, W, C)`` in the file's own dtype."""
     try:
         with Image.open(path) as image:
+            if not _pil_can_decode(image):
+                raise OSError("more than 8 bits per band")
             image.load()
-            if image.mode in ("P", "PA", "RGBA", "RGBa", "CMYK", "YCbCr", "LA"):
+            if image.mode in ("P", "PA", "RGBa", "CMYK", "YCbCr", "LA"):
                 image = image.convert("L" if image.mode == "LA" else "RGB")
-            return np.asarray(image)
+            return _drop_constant_alpha(np.asarray(image))
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except _READ_ERRORS as err:
@@ -145,7 +160,7 @@ def decode_gray(path: Path, size_px: int | None, expected_hw: tuple[int, int] | 
                     f"{path}: image is {image.width}x{image.height} but the annotations say "
                     f"{expected_hw[1]}x{expected_hw[0]}"
                 )
-            if image.mode not in _BITS or image.mode == "1":  # 8-bit: the fast path
+            if (image.mode not in _BITS or image.mode == "1") and _pil_can_decode(image):  # 8-bit: the fast path
                 if size_px is not None and image.format == "JPEG":
                     image.draft("L", (size_px, size_px))  # DCT-domain downscale: decodes 2-8x faster
                 gray = image.convert("L")
