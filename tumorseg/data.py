@@ -40,6 +40,7 @@ from tumorseg.layouts import LAYOUTS, Sample, read_layout
 from tumorseg.splits import DEFAULT_FRACTIONS, SPLITS, carve, check_fractions, parse_fractions, read_splits, write_splits
 
 CACHE_VERSION = 2  # bump when the cached arrays' meaning changes
+SPLITS_JSON = "splits.json"  # the carve, as written into a run folder
 SYNTHETIC_MARKER = ".tumorseg-synthetic"  # written by tumorseg.synthetic into every layout it writes
 
 
@@ -465,6 +466,16 @@ def cross_split_duplicates(data: dict[str, Split]) -> dict[str, list[tuple[str, 
                 pairs.append((split.file_names[i], match))
         out[name] = pairs
     return out
+
+
+def report_duplicates(data: dict[str, Split], log=print) -> int:
+    """Log how many valid/test images are identical to earlier splits' images; returns the count."""
+    duplicates = cross_split_duplicates(data)
+    count = sum(len(pairs) for pairs in duplicates.values())
+    if count:
+        parts = [f"{split} {len(pairs)} (e.g. {pairs[0][0]} = {pairs[0][1]})" for split, pairs in duplicates.items() if pairs]
+        log(f"warning: {count} image(s) identical across splits: " + "; ".join(parts))
+    return count
 
 
 if __name__ == "__main__":

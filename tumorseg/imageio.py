@@ -186,6 +186,21 @@ def decode_channels(path: Path, size_px: int | None) -> np.ndarray:
     return np.stack([_resize_band(np.ascontiguousarray(array[..., c]), size_px) for c in range(array.shape[2])])
 
 
+def decode_for_model(path: Path, size_px: int | None, channels: int) -> np.ndarray:
+    """One image file for a model taking ``channels`` channels, decoded as in training: uint8
+    ``(S, S)`` or ``(C, S, S)``; a DataError (one line) when the file has another channel count."""
+    path = Path(path)
+    header = read_header(path)
+    if channels == 1:
+        if header.bands > 1 and not bands_equal(read_pixels(path)):
+            raise DataError(f"{path}: the image has {header.bands} channels but the model takes 1")
+        return decode_gray(path, size_px)
+    image = decode_channels(path, size_px)
+    if image.shape[0] != channels:
+        raise DataError(f"{path}: the image has {image.shape[0]} channel(s) but the model takes {channels}")
+    return image
+
+
 def read_mask(path: Path) -> np.ndarray:
     """A mask file as an integer label image ``(H, W)``."""
     path = Path(path)
