@@ -67,6 +67,22 @@ class DataOptions:
         if self.labels is not None and (not self.labels or any(k <= 0 for k in self.labels)):
             raise ConfigError(f"--labels: expected label ids > 0, got {self.labels}")
 
+    def to_dict(self) -> dict:
+        """JSON-able (for sweep.json)."""
+        out = asdict(self)
+        out["splits_file"] = str(self.splits_file) if self.splits_file else None
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> DataOptions:
+        values = dict(values or {})
+        for key in ("labels", "split_fractions"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        if values.get("splits_file"):
+            values["splits_file"] = Path(values["splits_file"])
+        return cls(**values)
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DataOptions:
         return cls(args.layout, args.labels, args.split, args.split_seed, args.group_by, args.splits, args.allow_unlabelled)
@@ -118,7 +134,7 @@ class DatasetInfo:
     fingerprint: str  # content hash of every split (names, sizes, labels, options)
     channels: int
     split_sizes: dict[str, int]
-    carved: bool  # valid/test carved by case (then splits.json records the carve)
+    splits_from: str  # "data" (its own split folders), "carved" (by case, now) or "file" (--splits / a run's splits.json)
     is_kaggle_brain_tumor: bool  # the Roboflow "TumorSegmentation" export the seed was measured on
 
     def describe(self) -> str:
@@ -177,7 +193,7 @@ def open_dataset(data_dir: Path, options: DataOptions = DataOptions()) -> Datase
         fingerprint=digest,
         channels=channels,
         split_sizes={s: len(splits[s]) for s in SPLITS},
-        carved=carved,
+        splits_from="file" if options.splits_file is not None else "carved" if carved else "data",
         is_kaggle_brain_tumor=read.layout == "coco" and not synthetic and _is_kaggle_export(root),
     )
     return dataset

@@ -112,7 +112,7 @@ def report_lines(report: dict) -> list[str]:
     info, splits = report["dataset"], report["splits"]
     base = report["baselines_test_dice"]
     box = f", training mean box {base['train_mean_box']:.3f}" if "train_mean_box" in base else ""
-    origin = "carved by case" if info["carved"] else "given by the data"
+    origin = {"data": "given by the data", "carved": "carved by case", "file": "read from a splits.json"}[info["splits_from"]]
     lines = [
         f"dataset: {info['name']} ({info['layout']}, fingerprint {info['fingerprint']}) at {info['path']}",
         "splits: " + ", ".join(f"{s} {splits[s]['images']} images / {splits[s]['cases']} cases" for s in SPLITS) + f" ({origin})",
