@@ -85,9 +85,10 @@ def resume_settings(given: SweepSettings, flags: set[str]) -> tuple[SweepSetting
 def print_data_summary(dataset, size_px: int, cache_dir, run_dir: Path) -> None:
     """The three lines that matter before a sweep (which data, how it is split, what trivial
     models score), printed and kept in the run folder for the report."""
-    from tumorseg.inspect_data import inspect_dataset, summary_lines
+    from tumorseg.data import inspect
+    from tumorseg.inspect_data import summary_lines
 
-    lines = summary_lines(inspect_dataset(dataset, size_px, cache_dir))
+    lines = summary_lines(inspect(dataset, size_px, cache_dir))
     print("\n".join(lines))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / rundir.DATA_SUMMARY_TXT).write_text("\n".join(lines) + "\n")

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from tumorseg.data import DataOptions, cross_split_duplicates, load_dataset, load_split, open_dataset
+from tumorseg.data import DataOptions, cross_split_duplicates, inspect, load_dataset, load_split, open_dataset
 from tumorseg.errors import ConfigError, DataError
 from tumorseg.imageio import to_uint8
-from tumorseg.inspect_data import inspect_dataset, report_lines
+from tumorseg.inspect_data import report_lines
 from tumorseg.splits import parse_fractions
 from tumorseg.synthetic import SyntheticSpec, make_synthetic
 
@@ -164,7 +164,7 @@ def test_inspect_boxes_baselines_and_cli(tmp_path):
             mask[2:6, 2:6] = 255
         Image.fromarray(mask).save(root / "masks" / f"c{i}_1.png")
     dataset = open_dataset(root, DataOptions(split_fractions=(0.5, 0.25, 0.25)))
-    report = inspect_dataset(dataset, 16, tmp_path / "cache")
+    report = inspect(dataset, 16, tmp_path / "cache")
     assert report["labels_are"] == "boxes" and report["components"] == report["rectangle_components"] == 11
     assert report["splits"]["train"]["cases"] == 6 and report["sizes"] == {"16x16": 12}
     test_empty = report["splits"]["test"]["empty_mask_share"]

@@ -494,7 +494,36 @@ def report_duplicates(data: dict[str, Split], log=print) -> int:
     return count
 
 
-if __name__ == "__main__":
-    from tumorseg.inspect_data import main
+# ----------------------------------------------------------------------------- python -m tumorseg.data
 
+
+def inspect(dataset: Dataset, size_px: int = 256, cache_dir: Path | None = None) -> dict:
+    """The report of ``python -m tumorseg.data`` (``tumorseg.inspect_data``), as a JSON-able dict.
+    Builds (or reuses) the cache at ``size_px`` to compare images across splits."""
+    from tumorseg.inspect_data import summarize
+
+    masks = {split: [sample_mask(dataset, s) for s in dataset.splits[split]] for split in SPLITS}
+    arrays = load_dataset(dataset, size_px, cache_dir=cache_dir)
+    return summarize(dataset, masks, cross_split_duplicates(arrays), size_px)
+
+
+def main(argv=None) -> int:
+    from tumorseg.cli import ArgumentParser, exit_on_user_error
+    from tumorseg.inspect_data import report_lines
+
+    p = ArgumentParser(prog="tumorseg.data", description="Describe a dataset folder (any layout) before training on it.")
+    p.add_argument("data", type=Path, help="dataset folder")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--size", type=int, default=256, help="cache size at which images are compared (default 256)")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    add_data_arguments(p)
+    args = p.parse_args(argv)
+    with exit_on_user_error("tumorseg.data"):
+        dataset = open_dataset(args.data, DataOptions.from_args(args))
+        report = inspect(dataset, args.size, args.cache_dir)
+    print(json.dumps(report, indent=1) if args.json else "\n".join(report_lines(report)))
+    return 0
+
+
+if __name__ == "__main__":
     sys.exit(main())

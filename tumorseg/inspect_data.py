@@ -1,5 +1,8 @@
 """Describe a dataset before training on it: ``python -m tumorseg.data DIR [--json]``.
 
+``tumorseg.data.inspect`` gathers the masks and arrays and calls ``summarize`` here; this module
+only computes and formats (it never imports ``tumorseg.data``, which runs the command).
+
 Reports the detected layout; per split the image and case counts; channels, native sizes and bit
 depths; the share of empty masks; tumour-area quantiles (share of the image, non-empty masks);
 whether the labels are boxes (at least ``BOX_SHARE`` of the connected components are filled
@@ -13,17 +16,12 @@ The first three lines of the text report are the ones a sweep prints at start (`
 
 from __future__ import annotations
 
-import json
 import re
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
-from tumorseg.cli import ArgumentParser, exit_on_user_error
 from tumorseg.coco import rasterize
-from tumorseg.data import DataOptions, Dataset, add_data_arguments, cross_split_duplicates, load_dataset, open_dataset, sample_mask
 from tumorseg.metrics import dice_per_image
 from tumorseg.splits import SPLITS, case_of
 
@@ -60,11 +58,14 @@ def box_counts(box, mask: np.ndarray) -> tuple[int, int, int]:
     return int((pred & truth).sum()), int((pred & ~truth).sum()), int((~pred & truth).sum())
 
 
-def inspect_dataset(dataset: Dataset, size_px: int = 256, cache_dir: Path | None = None) -> dict:
-    """Everything ``python -m tumorseg.data`` reports, as a JSON-able dict."""
+def summarize(dataset, masks: dict[str, list[np.ndarray]], duplicates: dict, size_px: int) -> dict:
+    """Everything ``python -m tumorseg.data`` reports, as a JSON-able dict.
+
+    ``dataset``: a ``tumorseg.data.Dataset``; ``masks``: its native {0,1} masks per split;
+    ``duplicates``: ``tumorseg.data.cross_split_duplicates`` of its arrays at ``size_px``.
+    """
     pattern = re.compile(dataset.options.group_by) if dataset.options.group_by else None
     samples = [s for split in SPLITS for s in dataset.splits[split]]
-    masks = {split: [sample_mask(dataset, s) for s in dataset.splits[split]] for split in SPLITS}
     areas = [float(m.mean()) for split in SPLITS for m in masks[split] if m.any()]
     components = np.array([component_stats(m) for split in SPLITS for m in masks[split]]).reshape(-1, 2).sum(0)
     boxes = [b for m in masks["train"] if (b := bounding_box(m)) is not None]
@@ -74,8 +75,6 @@ def inspect_dataset(dataset: Dataset, size_px: int = 256, cache_dir: Path | None
     baselines = {"all_background": float(dice_per_image(np.array(background)).mean())}
     if mean_box is not None:
         baselines["train_mean_box"] = float(dice_per_image(np.array([box_counts(mean_box, m) for m in test])).mean())
-    data = load_dataset(dataset, size_px, cache_dir=cache_dir)
-    duplicates = cross_split_duplicates(data)
     return {
         "dataset": dataset.info.to_dict(),
         "skipped_unlabelled": dataset.skipped_unlabelled,
@@ -149,22 +148,3 @@ def report_lines(report: dict) -> list[str]:
 def summary_lines(report: dict) -> list[str]:
     """The three lines a sweep prints at start: dataset, splits, trivial baselines."""
     return report_lines(report)[:3]
-
-
-def main(argv=None) -> int:
-    p = ArgumentParser(prog="tumorseg.data", description=__doc__.split("\n\n")[0])
-    p.add_argument("data", type=Path, help="dataset folder (any layout)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--size", type=int, default=256, help="cache size used to compare images (default 256)")
-    p.add_argument("--cache-dir", type=Path, default=None)
-    add_data_arguments(p)
-    args = p.parse_args(argv)
-    with exit_on_user_error("tumorseg.data"):
-        dataset = open_dataset(args.data, DataOptions.from_args(args))
-        report = inspect_dataset(dataset, args.size, args.cache_dir)
-    print(json.dumps(report, indent=1) if args.json else "\n".join(report_lines(report)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
