@@ -18,6 +18,7 @@ from typing import Any
 
 from tumorseg.cli import ArgumentParser, add_dataclass_arguments, parse_int_list, parse_range
 from tumorseg.config import TrainConfig, field_names
+from tumorseg.data import DataOptions, add_data_arguments
 from tumorseg.errors import ConfigError
 
 from search.rundir import SweepSettings
@@ -35,13 +36,14 @@ SPACE_FLAG_TYPES = {"int_list": parse_int_list, "str_list": lambda v: [x for x i
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="search.run", description="Ray Tune + Optuna (TPE) + ASHA sweep, then retrain and test.")
     g = p.add_argument_group("run")
-    g.add_argument("--data", type=Path, default=None, help="Kaggle-layout dataset (default: built-in synthetic set)")
+    g.add_argument("--data", type=Path, default=None, help="dataset folder, any layout (default: built-in synthetic set)")
     g.add_argument("--name", default=None, help="run name: outputs go to STORAGE/NAME (default: sweep-<time>)")
     g.add_argument("--storage", default="results", help="results root: a path or a URI (default: results/)")
     g.add_argument("--resume", action="store_true", help="continue the sweep --name (finished trials are kept)")
     g.add_argument("--debug", action="store_true", help="one trial in this process without Ray (tiny budget)")
     g.add_argument("--seed", type=int, default=0, help="seeds the searcher and the trials (default 0)")
     g.add_argument("--cache-dir", default=None, help="array cache (default: $TUMORSEG_CACHE_DIR or ~/.cache/tumorseg)")
+    add_data_arguments(p)
     r = p.add_argument_group("resources")
     r.add_argument("--gpus", type=float, default=0, help="GPUs the search may use in total (logical GPUs where fewer exist)")
     r.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial; 0.5 packs two trials per GPU (default: 1 if --gpus)")
@@ -238,6 +240,7 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict, list[str
         name=args.name or time.strftime("sweep-%Y%m%d-%H%M%S"),
         storage=args.storage,
         data=str(Path(args.data).resolve()) if args.data else None,
+        data_options=DataOptions.from_args(args).to_dict(),
         gpus=args.gpus,
         gpus_per_trial=gpus_per_trial,
         cpus_per_trial=args.cpus_per_trial,

@@ -20,9 +20,10 @@ def run_debug(settings: SweepSettings, space: SearchSpace, base: dict, explicit_
         print(f"note: {note}")
     base = {**base, "epochs": base["epochs"] if explicit_epochs else 2, "num_workers": 0}
     print(f"debug: one trial in-process, no Ray: {params} for {base['epochs']} epoch(s)")
-    data_dir = settings.resolve_data_dir()
     encoder_state = load_encoder_state(base["encoder_weights"])
-    data = load_search_data(data_dir, [params["resize_px"]], settings.cache_dir)
+    dataset = settings.open_dataset()
+    print(f"data: {dataset.info.describe()}")
+    data = load_search_data(dataset, [params["resize_px"]], settings.cache_dir)
 
     def report(metrics: dict, checkpoint_fn) -> None:
         keys = ("epoch", "val_dice", "val_loss", "best_val_dice", "failure_reason")

@@ -22,10 +22,9 @@ from pathlib import Path
 import pandas as pd
 
 from tumorseg.cli import ArgumentParser, exit_on_user_error
-from tumorseg.config import SEED_REPORTED_TEST_METRICS
 from tumorseg.errors import UserError
 
-from search.rundir import TUNE_DIR, read_sweep_json
+from search.rundir import DATA_SUMMARY_TXT, TUNE_DIR, read_sweep_json
 from search.space import SearchSpace, applicable_params, distributions
 from search.trials import read_table, scored_trials
 
@@ -247,9 +246,18 @@ def headline_html(final: dict | None, best: dict | None) -> str:
                 seeds = len(final[recipe]["seeds"])
                 rows.append(f"<tr><th>{label} ({seeds} seed{'s' if seeds > 1 else ''}, {final[recipe]['resize_px']} px)</th>"
                             + "".join(f"<td>{_mean_std(t.get(m))}</td>" for m in REPORT_METRICS) + "</tr>")
-        s = SEED_REPORTED_TEST_METRICS
-        rows.append("<tr><th>seed run as originally reported (Kaggle test split)</th><td>-</td><td>-</td>"
-                    f"<td>{s['f1']}</td><td>{s['precision']}</td><td>{s['recall']}</td><td>{s['dice_loss']}</td></tr>")
+        s = final.get("seed_reported_test")  # only when the data is the Kaggle dataset
+        if s:
+            rows.append("<tr><th>seed run as originally reported (measured on Kaggle's own test split at 256 px)</th>"
+                        f"<td>-</td><td>-</td><td>{s['f1']}</td><td>{s['precision']}</td><td>{s['recall']}</td>"
+                        f"<td>{s['dice_loss']}</td></tr>")
+        dataset = final.get("dataset")
+        if dataset:
+            parts.append(f"<p>Data: <b>{html.escape(dataset['name'])}</b> ({html.escape(dataset['layout'])}, "
+                         f"{dataset['channels']} channel(s), fingerprint <code>{html.escape(dataset['fingerprint'])}</code>) "
+                         f"at <code>{html.escape(dataset['path'])}</code>; splits "
+                         + ", ".join(f"{k} {v}" for k, v in dataset["split_sizes"].items())
+                         + (" (valid/test carved by case: splits.json)" if dataset["splits_from"] != "data" else "") + ".</p>")
         parts.append("<p>Test metrics, each run scored once on the test split after selection on validation:</p>"
                      "<table class='grid'><tr><th></th>" + "".join(f"<th>{m}</th>" for m in REPORT_METRICS) + "</tr>"
                      + "".join(rows) + "</table>")
@@ -322,6 +330,9 @@ def build_report(run_dir: Path) -> Path:
     scored = scored_trials(table)
     n_trials = 0 if table is None else len(table)
     sections = [headline_html(final, best)]
+    data_summary = run_dir / DATA_SUMMARY_TXT
+    if data_summary.is_file():
+        sections.append("<h3>Data</h3><pre>" + html.escape(data_summary.read_text()) + "</pre>")
 
     # 2-3: importance, history, parallel coordinates, slices (Optuna on the rebuilt study)
     sections.append("<h2>2. Parameter importance</h2>")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tumorseg.cli import ArgumentParser, exit_on_user_error
-from tumorseg.config import SEED_REPORTED_TEST_METRICS, TrainConfig
+from tumorseg.config import TrainConfig
 from tumorseg.errors import UserError
 
 from search.rundir import FINAL_DIR, load_sweep, read_best_params
@@ -58,25 +58,26 @@ def retrain(run_dir: Path, seeds: int | None = None, log=print) -> dict:
         log("retrain: no successful trial, so only the seed recipe is retrained")
     final = run_dir / FINAL_DIR
     final.mkdir(exist_ok=True)
-    data_dir, encoder_state, data_by_size = None, None, {}
+    dataset, encoder_state, data_by_size = None, None, {}
     for recipe, params in todo.items():
         for k in range(seeds):
             out = final / recipe / f"seed{k}"
             if (out / "metrics.json").is_file():
                 log(f"retrain: {recipe} seed {k} already done")
                 continue
-            if data_dir is None:
-                data_dir = settings.resolve_data_dir()
+            if dataset is None:
+                dataset = settings.open_dataset()  # the sweep's splits.json, when it carved
+                log(f"retrain: data {dataset.info.describe()}")
                 encoder_state = load_encoder_state(base["encoder_weights"])
             cfg = TrainConfig.from_dict({**base, **params, "seed": base["seed"] + k, "epochs": settings.epochs})
             if cfg.resize_px not in data_by_size:
-                data_by_size[cfg.resize_px] = load_dataset(data_dir, cfg.resize_px, cache_dir=settings.cache_dir)
+                data_by_size[cfg.resize_px] = load_dataset(dataset, cfg.resize_px, cache_dir=settings.cache_dir)
             data = data_by_size[cfg.resize_px]
             log(f"retrain: {recipe} seed {k}: {params}, {cfg.epochs} epochs")
             result = train(cfg, data, encoder_state=encoder_state, log=log)
             tmp = out.with_name(out.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
-            _, counts = write_run_outputs(tmp, result, cfg, data["test"], data_dir)
+            _, counts = write_run_outputs(tmp, result, cfg, data["test"], dataset.info)
             write_per_image(tmp, result.model, data["test"], cfg, counts)
             tmp.rename(out)  # complete runs only: an interrupted retrain redoes just this one
     summary = summarize(final, todo, notes)
@@ -105,12 +106,15 @@ def write_per_image(out: Path, model, split, cfg, counts: np.ndarray) -> None:
 
 def summarize(final: Path, todo: dict, notes: list[str]) -> dict:
     """Mean and std over seeds of each recipe's test (and val) metrics; the best model copied up."""
-    summary = {"metric_definitions": "see tumorseg/metrics.py", "seed_reported_test": SEED_REPORTED_TEST_METRICS, "notes": notes}
+    summary = {"metric_definitions": "see tumorseg/metrics.py", "notes": notes}
     for recipe, params in todo.items():
         runs = sorted((final / recipe).glob("seed*/metrics.json"))
         if not runs:
             continue
         loaded = [json.loads(p.read_text()) for p in runs]
+        summary.setdefault("dataset", loaded[0].get("dataset"))  # every run of a sweep is on the same data
+        if loaded[0].get("seed_reported_test"):  # present only on the Kaggle data
+            summary.setdefault("seed_reported_test", loaded[0]["seed_reported_test"])
         summary[recipe] = {
             "params": params,
             "seeds": [m["config"]["seed"] for m in loaded],
@@ -137,13 +141,17 @@ def _mean_std(values: list[float]) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    lines = ["test metrics (mean +- std over seeds):"]
+    dataset = summary.get("dataset") or {}
+    lines = [f"test metrics (mean +- std over seeds) on {dataset.get('name', '?')} "
+             f"({dataset.get('layout', '?')}, fingerprint {dataset.get('fingerprint', '?')}):"]
     for recipe in ("best", "seed_recipe"):
         if recipe in summary:
             t = summary[recipe]["test"]
             lines.append(f"  {recipe:12s} " + "  ".join(f"{k} {t[k]['mean']:.4f}+-{t[k]['std']:.4f}" for k in ("dice", "f1", "precision", "recall")))
-    s = summary["seed_reported_test"]
-    lines.append(f"  {'seed report':12s} f1 {s['f1']}  precision {s['precision']}  recall {s['recall']}  (Kaggle test, as reported)")
+    s = summary.get("seed_reported_test")
+    if s:
+        lines.append(f"  {'seed report':12s} f1 {s['f1']}  precision {s['precision']}  recall {s['recall']}  "
+                     "(measured on Kaggle's own test split at 256 px)")
     lines += [f"  note: {n}" for n in summary.get("notes", [])]
     return "\n".join(lines)
 

@@ -82,6 +82,18 @@ def resume_settings(given: SweepSettings, flags: set[str]) -> tuple[SweepSetting
     return settings, space, base, payload
 
 
+def print_data_summary(dataset, size_px: int, cache_dir, run_dir: Path) -> None:
+    """The three lines that matter before a sweep (which data, how it is split, what trivial
+    models score), printed and kept in the run folder for the report."""
+    from tumorseg.data import inspect
+    from tumorseg.inspect_data import summary_lines
+
+    lines = summary_lines(inspect(dataset, size_px, cache_dir))
+    print("\n".join(lines))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / rundir.DATA_SUMMARY_TXT).write_text("\n".join(lines) + "\n")
+
+
 def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: list[str], argv: list[str], restore: bool) -> bool:
     """Check data, storage and cluster, claim the run folder, run (or continue) the Tune experiment.
 
@@ -92,10 +104,11 @@ def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: li
 
     from search.trainable import load_search_data
 
-    data_dir = settings.resolve_data_dir()
     encoder_state = load_encoder_state(base["encoder_weights"])  # once, shipped to every trial
     t0 = time.perf_counter()
-    data = load_search_data(data_dir, space.resize_choices, settings.cache_dir)
+    dataset = settings.open_dataset()
+    print_data_summary(dataset, min(space.resize_choices), settings.cache_dir, settings.run_dir)
+    data = load_search_data(dataset, space.resize_choices, settings.cache_dir)
     print(f"data for sizes {sorted(data)} ready in {time.perf_counter() - t0:.1f}s")
     check_writable(settings.storage, settings.run_dir)
     cluster.start_ray(settings)

@@ -4,6 +4,8 @@
     trials.csv         one row per trial (``search.trials``)
     best_config.json   the best trial's parameters and full TrainConfig
     tune/              Ray Tune's experiment folder, one ``trial_NNN_<id>/`` per trial
+    data_summary.txt   dataset, splits, trivial baselines (``python -m tumorseg.data`` in three lines)
+    splits.json        the valid/test carve by case, when the data had none (reused by resume and retrain)
     final/             the retrain stage (``search.retrain``)
     report.html        the report (``search.report``)
 
@@ -31,10 +33,12 @@ from search.storage import is_uri
 SWEEP_JSON = "sweep.json"
 TRIALS_CSV = "trials.csv"
 BEST_CONFIG_JSON = "best_config.json"
+SPLITS_JSON = "splits.json"  # the carve (tumorseg.data writes the same name into a train --out)
+DATA_SUMMARY_TXT = "data_summary.txt"  # the three dataset lines the sweep printed at start
 TUNE_DIR = "tune"  # Ray's experiment folder inside the run folder
 FINAL_DIR = "final"
 REPORT_HTML = "report.html"
-DRIVER_FILES = (SWEEP_JSON, TRIALS_CSV, BEST_CONFIG_JSON, FINAL_DIR)  # what --resume downloads from a URI
+DRIVER_FILES = (SWEEP_JSON, TRIALS_CSV, BEST_CONFIG_JSON, SPLITS_JSON, DATA_SUMMARY_TXT, FINAL_DIR)  # what --resume downloads from a URI
 
 
 @dataclass
@@ -44,6 +48,7 @@ class SweepSettings:
     name: str
     storage: str = "results"
     data: str | None = None
+    data_options: dict | None = None  # tumorseg.data.DataOptions.to_dict()
     gpus: float = 0
     gpus_per_trial: float = 0
     cpus_per_trial: float | None = None  # None: derived from the cluster's nodes once Ray is up
@@ -88,6 +93,21 @@ class SweepSettings:
         from tumorseg.train import resolve_data_dir
 
         return resolve_data_dir(Path(self.data) if self.data else None, Path(self.cache_dir) if self.cache_dir else None)
+
+    def open_dataset(self):
+        """The sweep's dataset, split as it was first split: the run folder's ``splits.json``
+        is reused when present, and written the first time the splits are carved."""
+        from tumorseg.data import DataOptions, open_dataset
+
+        options = DataOptions.from_dict(self.data_options)
+        splits_json = self.run_dir / SPLITS_JSON
+        if splits_json.is_file():
+            options = dataclasses.replace(options, splits_file=splits_json)
+        dataset = open_dataset(self.resolve_data_dir(), options)
+        if dataset.carved:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dataset.write_splits(splits_json)
+        return dataset
 
 
 # ----------------------------------------------------------------------------- sweep.json

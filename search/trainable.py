@@ -37,7 +37,7 @@ COORDINATOR_CPUS = 0.01  # what a data-parallel trial's own function holds: it o
 Report = Callable[[dict, "Callable[[], dict] | None"], None]
 
 
-def load_search_data(data_dir: Path, resizes: list[int], cache_dir: Path | None = None) -> dict[int, dict[str, Split]]:
+def load_search_data(data_dir, resizes: list[int], cache_dir: Path | None = None) -> dict[int, dict[str, Split]]:
     """``{resize: {"train": Split, "valid": Split}}`` for every size the space may sample.
 
     The validation split's native masks are the same object at every size, so the object store

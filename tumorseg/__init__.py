@@ -3,8 +3,14 @@
 Modules, one concern each:
 
 - ``config``     the one typed training configuration (``TrainConfig``)
-- ``data``       COCO (Kaggle layout) reader, polygon rasteriser, on-disk array cache
-- ``synthetic``  a small built-in dataset in the same layout
+- ``data``       the one entry point for data: ``DataOptions``, ``open_dataset``, ``load_dataset``,
+                 the on-disk array cache, ``python -m tumorseg.data DIR``
+- ``layouts``    detect coco / pairs / nnunet and list each split's samples
+- ``coco``       the Kaggle COCO reader and polygon rasteriser
+- ``imageio``    decode 8/16-bit, multi-channel images (percentile normalisation) and masks
+- ``splits``     grouped (by case) carving of missing splits, ``splits.json``
+- ``inspect_data`` the dataset report (sizes, labels, duplicates, trivial baselines)
+- ``synthetic``  a small built-in dataset, in any layout
 - ``transforms`` albumentations pipelines and the input normalisation
 - ``model``      ``create_model`` (smp UNet-ResNet18) and encoder weights
 - ``losses``     ``create_loss`` from smp's Dice / BCE / focal losses

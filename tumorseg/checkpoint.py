@@ -44,10 +44,16 @@ def to_cpu_copy(tree):
     return copy.deepcopy(tree)
 
 
+def in_channels(model: torch.nn.Module) -> int:
+    """The channel count a model takes (its first convolution's input channels)."""
+    return int(uncompiled(model).encoder.conv1.in_channels)
+
+
 def save_model(path: Path, model: torch.nn.Module, cfg: TrainConfig, **extra: Any) -> None:
-    """Weights + config + metadata, all plain types: loadable with ``weights_only=True``."""
+    """Weights + config + input channels + metadata, all plain types: loadable with ``weights_only=True``."""
     state = {k: v.detach().cpu() for k, v in plain_state_dict(model).items()}
-    torch.save({"format": MODEL_FORMAT, "version": 1, "config": cfg.to_dict(), "model": state, **extra}, path)
+    payload = {"format": MODEL_FORMAT, "version": 1, "config": cfg.to_dict(), "in_channels": in_channels(model), "model": state}
+    torch.save({**payload, **extra}, path)
 
 
 def load_model(path: Path) -> tuple[torch.nn.Module, TrainConfig, dict]:
@@ -61,7 +67,7 @@ def load_model(path: Path) -> tuple[torch.nn.Module, TrainConfig, dict]:
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise UserError(f"{path}: not a tumorseg model file (no '{MODEL_FORMAT}' marker)")
     cfg = TrainConfig.from_dict(payload["config"])
-    model = create_model(None)
+    model = create_model(None, in_channels=int(payload.get("in_channels", 1)))  # files before channels: grey
     model.load_state_dict(payload["model"])
     if cfg.channels_last:  # as trained: the memory format changes the float rounding
         model = model.to(memory_format=torch.channels_last)

@@ -1,194 +1,301 @@
-"""Kaggle-layout COCO data: read, rasterise, cache.
+"""Any supported dataset folder -> cached arrays per split. The one entry point for data.
 
-A dataset folder holds one sub-folder per split (``train``, ``valid``, ``test``), each with its
-JPEGs and ``_annotations.coco.json``. Every annotation is foreground (categories are merged); an
-image without annotations has an empty mask.
+    dataset = open_dataset(DIR, DataOptions(...))   # layout, samples per split, channels, info
+    data = load_dataset(dataset, size_px)           # {"train": Split, "valid": Split, "test": Split}
+    dataset.write_splits(run_dir / "splits.json")   # when the splits were carved
 
-Masks are rasterised **from the polygon coordinates at the target resolution** with the
-pixel-centre rule: pixel ``(row, col)`` is foreground when its centre ``(col + 0.5, row + 0.5)``,
-in target-pixel units, lies inside a scaled polygon (even-odd rule, left/top edges inclusive,
-right/bottom exclusive, so a box ``[x0, x1) x [y0, y1)`` covers exactly the pixels whose centres
-it contains). Resizing a 640 px mask instead would blur or inflate the small boxes.
+``open_dataset`` detects the layout (``tumorseg.layouts``: coco, pairs, nnunet), lists the samples
+(reading file headers only), and carves missing valid/test splits by case (``tumorseg.splits``).
+The channel count follows the data (``tumorseg.imageio``): nnU-Net channel files, or the bands of
+the images, where a colour image whose bands are equal counts as grey.
 
 Each split is decoded and resized once per size, then kept in an on-disk cache of ``.npy`` files
-keyed by (split fingerprint, split, size) and opened memory-mapped, so later runs and trials never
-decode a JPEG. Validation and test also keep their masks at native resolution (bit-packed), since
-metrics are computed there.
+keyed by the split's content (image names and sizes, labels, the options that change pixels) and
+opened memory-mapped, so later runs and trials never decode an image. Validation and test also
+keep their masks at native resolution (bit-packed), since metrics are computed there; that needs
+one native size per split.
+
+``python -m tumorseg.data DIR`` describes a dataset (``tumorseg.inspect_data``).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
 import tempfile
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from tumorseg.errors import DataError
+from tumorseg.coco import ANNOTATIONS, ImageRecord, rasterize, read_split  # noqa: F401 (re-exported)
+from tumorseg.errors import ConfigError, DataError
+from tumorseg.imageio import NORMALISATION, bands_equal, decode_channels, decode_gray, read_mask, read_pixels, resize_mask
+from tumorseg.layouts import LAYOUTS, Sample, read_layout
+from tumorseg.splits import DEFAULT_FRACTIONS, SPLITS, carve, check_fractions, parse_fractions, read_splits, write_splits
 
-ANNOTATIONS = "_annotations.coco.json"
-SPLITS = ("train", "valid", "test")
-CACHE_VERSION = 1  # bump when the cached arrays' meaning changes
+CACHE_VERSION = 2  # bump when the cached arrays' meaning changes
+SPLITS_JSON = "splits.json"  # the carve, as written into a run folder
+SYNTHETIC_MARKER = ".tumorseg-synthetic"  # written by tumorseg.synthetic into every layout it writes
 
 
-# ----------------------------------------------------------------------------- annotations
+# ----------------------------------------------------------------------------- options
 
 
 @dataclass(frozen=True)
-class ImageRecord:
-    file_name: str
-    height: int
-    width: int
-    polygons: tuple[tuple[float, ...], ...]  # flat [x0, y0, x1, y1, ...] in native pixels
+class DataOptions:
+    """How to read a dataset folder; the CLIs add these flags with ``add_data_arguments``."""
+
+    layout: str = "auto"
+    labels: tuple[int, ...] | None = None  # foreground label ids (None: every non-zero value)
+    split_fractions: tuple[float, float, float] | None = None  # None: 0.7,0.15,0.15 where needed
+    split_seed: int = 0
+    group_by: str | None = None
+    splits_file: Path | None = None
+    allow_unlabelled: bool = False
+
+    def __post_init__(self):
+        if self.layout not in ("auto", *LAYOUTS):
+            raise ConfigError(f"--layout: expected auto, {', '.join(LAYOUTS)}; got {self.layout!r}")
+        if self.split_fractions is not None:
+            check_fractions(tuple(self.split_fractions))
+        if self.labels is not None and (not self.labels or any(k <= 0 for k in self.labels)):
+            raise ConfigError(f"--labels: expected label ids > 0, got {self.labels}")
+
+    def to_dict(self) -> dict:
+        """JSON-able (for sweep.json)."""
+        out = asdict(self)
+        out["splits_file"] = str(self.splits_file) if self.splits_file else None
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> DataOptions:
+        values = dict(values or {})
+        for key in ("labels", "split_fractions"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        if values.get("splits_file"):
+            values["splits_file"] = Path(values["splits_file"])
+        return cls(**values)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DataOptions:
+        return cls(args.layout, args.labels, args.split, args.split_seed, args.group_by, args.splits, args.allow_unlabelled)
 
 
-def read_split(split_dir: Path) -> list[ImageRecord]:
-    """Parse ``split_dir/_annotations.coco.json`` into one record per image (in JSON order)."""
-    split_dir = Path(split_dir)
-    if not split_dir.is_dir():
-        raise DataError(f"split folder not found: {split_dir}")
-    path = split_dir / ANNOTATIONS
-    if not path.is_file():
-        raise DataError(f"annotation file not found: {path}")
+def _argtype(parse):
+    def convert(text):
+        try:
+            return parse(text)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
+
+    return convert
+
+
+def _parse_labels(text: str) -> tuple[int, ...]:
     try:
-        coco = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
-        raise DataError(f"{path}: not a COCO file (no 'images' list)")
-    annotations = coco.get("annotations", [])
-    if not isinstance(annotations, list):
-        raise DataError(f"{path}: not a COCO file ('annotations' is not a list)")
-    if not coco["images"]:
-        raise DataError(f"{path}: the split has zero images")
-
-    images: dict[int, dict] = {}
-    for i, image in enumerate(coco["images"]):
-        where = f"{path}: images[{i}]"
-        if not isinstance(image, dict):
-            raise DataError(f"{where} is not an object")
-        for key, kind in (("id", int), ("file_name", str), ("height", int), ("width", int)):
-            if not isinstance(image.get(key), kind) or isinstance(image.get(key), bool):
-                raise DataError(f"{where}: missing or invalid {key!r}")
-        if image["height"] <= 0 or image["width"] <= 0:
-            raise DataError(f"{where}: non-positive size {image['width']}x{image['height']}")
-        if image["id"] in images:
-            raise DataError(f"{where}: duplicate image id {image['id']}")
-        if Path(image["file_name"]).name != image["file_name"]:
-            raise DataError(f"{where}: file_name must be a plain file name, got {image['file_name']!r}")
-        images[image["id"]] = image
-
-    polygons: dict[int, list[tuple[float, ...]]] = {image_id: [] for image_id in images}
-    clipped = 0
-    for i, ann in enumerate(annotations):
-        where = f"{path}: annotations[{i}]"
-        if not isinstance(ann, dict):
-            raise DataError(f"{where} is not an object")
-        image_id = ann.get("image_id")
-        if not isinstance(image_id, int) or isinstance(image_id, bool) or image_id not in images:
-            raise DataError(f"{where}: image_id {image_id!r} is not in 'images'")
-        if not isinstance(ann.get("category_id"), int) or isinstance(ann.get("category_id"), bool):
-            raise DataError(f"{where}: missing or invalid 'category_id'")
-        image = images[ann["image_id"]]
-        segmentation = ann.get("segmentation")
-        if not isinstance(segmentation, list) or not segmentation:
-            raise DataError(f"{where}: empty or non-polygon 'segmentation' (RLE is not supported)")
-        for polygon in segmentation:
-            polygon = _check_polygon(polygon, where)
-            inside = _clip_polygon(polygon, image["width"], image["height"])
-            clipped += inside != polygon
-            polygons[ann["image_id"]].append(inside)
-    if clipped:
-        warnings.warn(f"{path}: {clipped} polygon(s) extend outside their image; clipped to the image", stacklevel=2)
-    return [
-        ImageRecord(image["file_name"], image["height"], image["width"], tuple(polygons[image["id"]]))
-        for image in coco["images"]
-    ]
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--labels: expected comma-separated label ids, got {text!r}") from None
 
 
-def _check_polygon(polygon, where: str) -> tuple[float, ...]:
-    if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
-        raise DataError(f"{where}: a polygon needs at least 3 (x, y) points")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in polygon):
-        raise DataError(f"{where}: polygon coordinates must be finite numbers")
-    xs, ys = np.asarray(polygon[0::2], float), np.asarray(polygon[1::2], float)
-    area = 0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1)))
-    if area <= 0:
-        raise DataError(f"{where}: degenerate polygon (zero area)")
-    return tuple(float(v) for v in polygon)
+def add_data_arguments(parser) -> None:
+    """Add ``--layout --labels --split --split-seed --group-by --splits --allow-unlabelled``."""
+    g = parser.add_argument_group("data") if isinstance(parser, argparse.ArgumentParser) else parser
+    g.add_argument("--layout", choices=("auto", *LAYOUTS), default="auto", help="dataset layout (default: detected)")
+    g.add_argument("--labels", type=_argtype(_parse_labels), default=None, metavar="K[,K...]",
+                   help="mask values that are tumour (default: every non-zero value)")
+    g.add_argument("--split", type=_argtype(parse_fractions), default=None, metavar="TRAIN,VALID,TEST",
+                   help=f"fractions for carving missing splits by case (default {','.join(map(str, DEFAULT_FRACTIONS))})")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the carve (default 0)")
+    g.add_argument("--group-by", default=None, metavar="REGEX",
+                   help="case of an image: first capture group of REGEX on its file stem "
+                        "(default: its case folder, else the stem without a trailing _<digits>)")
+    g.add_argument("--splits", type=Path, default=None, metavar="FILE", help="reuse a splits.json")
+    g.add_argument("--allow-unlabelled", action="store_true", help="skip images without a mask (and say how many)")
 
 
-def _clip_polygon(polygon: tuple[float, ...], width: int, height: int) -> tuple[float, ...]:
-    """Clamp vertices into the image. Exact for the axis-aligned boxes of this dataset."""
-    clipped = []
-    for x, y in zip(polygon[0::2], polygon[1::2]):
-        clipped += [min(max(x, 0.0), float(width)), min(max(y, 0.0), float(height))]
-    return tuple(clipped)
+# ----------------------------------------------------------------------------- the dataset
 
 
-# ----------------------------------------------------------------------------- rasterisation
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Which data a result is on (recorded in run folders and reports)."""
+
+    path: str
+    name: str  # the folder's name, or "built-in synthetic"
+    layout: str
+    fingerprint: str  # content hash of every split (names, sizes, labels, options)
+    channels: int
+    split_sizes: dict[str, int]
+    splits_from: str  # "data" (its own split folders), "carved" (by case, now) or "file" (--splits / a run's splits.json)
+    is_kaggle_brain_tumor: bool  # the Roboflow "TumorSegmentation" export the seed was measured on
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.layout}, {self.channels} channel(s), fingerprint {self.fingerprint}) at {self.path}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
-def rasterize(polygons, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> np.ndarray:
-    """Rasterise native-pixel ``polygons`` into a ``dst_hw`` uint8 {0,1} mask (pixel-centre rule).
+@dataclass
+class Dataset:
+    root: Path
+    layout: str
+    splits: dict[str, list[Sample]]  # train, valid, test
+    channels: int
+    options: DataOptions = field(default_factory=DataOptions)
+    carved: bool = False
+    skipped_unlabelled: int = 0
+    label_values: tuple[int, ...] | None = None  # declared by dataset.json
+    channel_names: tuple[str, ...] | None = None
+    split_keys: dict[str, str] = field(default_factory=dict)  # cache key per split
+    info: DatasetInfo | None = None
 
-    Coordinates are scaled by ``dst / src`` per axis; a pixel is foreground when its centre lies
-    inside any polygon (even-odd rule per polygon, union over polygons).
-    """
-    (src_h, src_w), (dst_h, dst_w) = src_hw, dst_hw
-    mask = np.zeros((dst_h, dst_w), np.uint8)
-    for polygon in polygons:
-        xs = np.asarray(polygon[0::2], np.float64) * (dst_w / src_w)
-        ys = np.asarray(polygon[1::2], np.float64) * (dst_h / src_h)
-        # only pixels whose centres fall in the polygon's bounding box can be inside
-        c0, c1 = max(0, math.floor(xs.min() - 0.5)), min(dst_w, math.ceil(xs.max() + 0.5))
-        r0, r1 = max(0, math.floor(ys.min() - 0.5)), min(dst_h, math.ceil(ys.max() + 0.5))
-        if c0 >= c1 or r0 >= r1:
-            continue
-        cx = np.arange(c0, c1, dtype=np.float64)[None, :] + 0.5
-        cy = np.arange(r0, r1, dtype=np.float64)[:, None] + 0.5
-        inside = np.zeros((r1 - r0, c1 - c0), bool)
-        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(np.roll(xs, -1), np.roll(ys, -1))):
-            if y0 == y1:
-                continue  # horizontal edges never cross a horizontal ray
-            crosses = (y0 > cy) != (y1 > cy)  # (rows, 1): the edge spans this row's centre
-            x_at = x0 + (cy - y0) * (x1 - x0) / (y1 - y0)  # where the edge meets the row
-            inside ^= crosses & (cx < x_at)
-        mask[r0:r1, c0:c1] |= inside
-    return mask
+    def write_splits(self, path: Path) -> None:
+        write_splits(path, self.splits)
 
 
-# ----------------------------------------------------------------------------- decoding
+def open_dataset(data_dir: Path, options: DataOptions = DataOptions()) -> Dataset:
+    """Detect, list and split ``data_dir`` (headers only; nothing is decoded but a few probes)."""
+    root = Path(data_dir)
+    read = read_layout(root, options.layout, allow_unlabelled=options.allow_unlabelled)
+    if read.layout == "coco" and options.labels is not None:
+        raise ConfigError("--labels: COCO annotations have no label values (every category is tumour)")
+    if options.splits_file is not None:
+        splits, carved = read_splits(options.splits_file, read.pools, root), False
+    else:
+        if read.layout == "coco" and options.split_fractions is None:
+            for split in SPLITS:
+                if split not in read.pools:
+                    raise DataError(
+                        f"split folder missing: {root / split} (or pass --split TRAIN,VALID,TEST to carve it from train)"
+                    )
+        fractions = options.split_fractions or DEFAULT_FRACTIONS
+        splits, carved = carve(read.pools, fractions, seed=options.split_seed, group_by=options.group_by)
+    contents = {s: _split_content(root, splits[s]) for s in SPLITS}  # also: every file is there
+    channels = len(read.channel_names) if read.channel_names else _channels(root, splits)
+    dataset = Dataset(root, read.layout, splits, channels, options, carved, read.skipped_unlabelled,
+                      read.label_values, read.channel_names)
+    dataset.split_keys = {s: _split_key(dataset, s, contents[s]) for s in SPLITS}
+    digest = hashlib.sha256("".join(dataset.split_keys[s] for s in SPLITS).encode()).hexdigest()[:16]
+    synthetic = (root / SYNTHETIC_MARKER).is_file()
+    dataset.info = DatasetInfo(
+        path=str(root.resolve()),
+        name="built-in synthetic" if synthetic else root.resolve().name,
+        layout=read.layout,
+        fingerprint=digest,
+        channels=channels,
+        split_sizes={s: len(splits[s]) for s in SPLITS},
+        splits_from="file" if options.splits_file is not None else "carved" if carved else "data",
+        is_kaggle_brain_tumor=read.layout == "coco" and not synthetic and _is_kaggle_export(root),
+    )
+    return dataset
 
 
-def decode_gray(path: Path, size_px: int | None, expected_hw: tuple[int, int]) -> np.ndarray:
-    """Decode a JPEG/PNG to 1-channel uint8, resized to ``size_px`` square (None: native)."""
+def _is_kaggle_export(root: Path) -> bool:
+    readme = root / "README.roboflow.txt"
+    return readme.is_file() and "TumorSegmentation" in readme.read_text(errors="replace")
+
+
+def _channels(root: Path, splits: dict[str, list[Sample]]) -> int:
+    """1 when every image has one band or equal bands (probed on a few), else the images' bands."""
+    samples = [s for split in SPLITS for s in splits[split]]
+    multi = [s for s in samples if s.bands is None or s.bands > 1]
+    if not multi:
+        return 1
+    probes = [read_pixels(root / s.images[0]) for s in multi[:4]]
+    if all(bands_equal(p) for p in probes):
+        return 1
+    channels = next(p.shape[2] for p in probes if p.ndim == 3)
+    for sample in samples:
+        if sample.bands == 1:  # other mismatches are caught when decoding
+            raise DataError(
+                f"{root / sample.images[0]} has {sample.bands} channel(s) but the dataset's images have "
+                f"{channels} (e.g. {root / multi[0].images[0]})"
+            )
+    return channels
+
+
+def _split_content(root: Path, samples: list[Sample]) -> bytes:
+    """Digest of what a split holds: image names and sizes, and its labels (mask bytes or polygons)."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(f"|{sample.name}".encode())
+        for rel in sample.images:
+            digest.update(f":{_file_size(root / rel)}".encode())
+        if sample.polygons is not None:
+            digest.update(repr((sample.hw, sample.polygons)).encode())
+        else:
+            digest.update(_read_bytes(root / sample.mask))
+    return digest.digest()
+
+
+def _split_key(dataset: Dataset, split: str, content: bytes) -> str:
+    """Cache key of one split: its content and the options that change its arrays."""
+    digest = hashlib.sha256(f"tumorseg-cache-v{CACHE_VERSION}|{dataset.layout}|{split}".encode())
+    digest.update(f"|channels {dataset.channels}|labels {dataset.options.labels}|{NORMALISATION}|".encode())
+    digest.update(content)
+    return digest.hexdigest()[:16]
+
+
+def _file_size(path: Path) -> int:
     try:
-        with Image.open(path) as image:
-            if (image.height, image.width) != tuple(expected_hw):
-                raise DataError(
-                    f"{path}: image is {image.width}x{image.height} but the annotations say "
-                    f"{expected_hw[1]}x{expected_hw[0]}"
-                )
-            if size_px is not None and image.format == "JPEG":
-                image.draft("L", (size_px, size_px))  # DCT-domain downscale: decodes 2-8x faster
-            gray = image.convert("L")
-            if size_px is not None and gray.size != (size_px, size_px):
-                gray = gray.resize((size_px, size_px), Image.Resampling.BILINEAR)
-            return np.asarray(gray, dtype=np.uint8)
+        return path.stat().st_size
     except FileNotFoundError:
         raise DataError(f"image listed in {ANNOTATIONS} but missing: {path}") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: unreadable or truncated image ({err})") from None
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read ({err})") from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err})") from None
+
+
+# ----------------------------------------------------------------------------- decoding one sample
+
+
+def decode_sample(dataset: Dataset, sample: Sample, size_px: int | None) -> np.ndarray:
+    """uint8 ``(S, S)`` for one channel, ``(C, S, S)`` for more (``size_px`` None: native)."""
+    root = dataset.root
+    if dataset.channels == 1:
+        return decode_gray(root / sample.images[0], size_px, sample.hw)
+    if len(sample.images) > 1:  # one file per channel (nnU-Net)
+        return np.stack([decode_gray(root / rel, size_px, sample.hw) for rel in sample.images])
+    image = decode_channels(root / sample.images[0], size_px)
+    if image.shape[0] != dataset.channels:
+        raise DataError(f"{root / sample.images[0]} has {image.shape[0]} channel(s) but the dataset has {dataset.channels}")
+    return image
+
+
+def sample_mask(dataset: Dataset, sample: Sample, hw: tuple[int, int] | None = None) -> np.ndarray:
+    """The {0, 1} uint8 mask of ``sample`` at ``hw`` (default: native)."""
+    hw = tuple(hw or sample.hw)
+    if sample.polygons is not None:
+        return rasterize(sample.polygons, sample.hw, hw)
+    path = dataset.root / sample.mask
+    labels = read_mask(path)
+    if labels.shape != tuple(sample.hw):
+        raise DataError(f"{dataset.root / sample.images[0]} is {sample.hw[1]}x{sample.hw[0]} but its mask {path} is {labels.shape[1]}x{labels.shape[0]}")
+    wanted = dataset.options.labels
+    if wanted is None:
+        mask = (labels != 0).astype(np.uint8)
+    else:
+        explained = {0, *wanted, *(dataset.label_values or ())}
+        stray = sorted(int(v) for v in np.unique(labels) if int(v) not in explained)
+        if stray:
+            raise DataError(f"{path}: mask value(s) {stray[:5]} not explained by --labels {','.join(map(str, wanted))}")
+        mask = np.isin(labels, wanted).astype(np.uint8)
+    return mask if hw == tuple(sample.hw) else resize_mask(mask, hw[0])
 
 
 # ----------------------------------------------------------------------------- cached splits
@@ -199,8 +306,8 @@ class Split:
     """One split at one training size, as arrays (memory-mapped from the cache when loaded)."""
 
     name: str
-    images: np.ndarray  # (N, S, S) uint8, grey
-    masks: np.ndarray  # (N, S, S) uint8 {0, 1}, rasterised at S
+    images: np.ndarray  # (N, S, S) uint8 for one channel, (N, C, S, S) for more
+    masks: np.ndarray  # (N, S, S) uint8 {0, 1} at S
     native_masks: np.ndarray | None  # (N, H, ceil(W / 8)) uint8, bit-packed masks at native H x W
     native_hw: tuple[int, int]
     file_names: tuple[str, ...]
@@ -211,6 +318,10 @@ class Split:
     @property
     def size_px(self) -> int:
         return int(self.images.shape[-1])
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.images.ndim == 3 else int(self.images.shape[1])
 
     def native_mask(self, index) -> np.ndarray:
         """Unpacked native-resolution mask(s) for an index or slice, uint8 {0, 1}."""
@@ -223,27 +334,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TUMORSEG_CACHE_DIR", Path.home() / ".cache" / "tumorseg"))
 
 
-def split_fingerprint(split_dir: Path, records: list[ImageRecord]) -> str:
-    """Hash of the annotation file and the listed images' names and sizes.
-
-    Cheap (no image is read) and stable when the dataset is copied elsewhere.
-    """
-    split_dir = Path(split_dir)
-    digest = hashlib.sha256(f"tumorseg-cache-v{CACHE_VERSION}".encode())
-    digest.update((split_dir / ANNOTATIONS).read_bytes())
-    for record in records:
-        path = split_dir / record.file_name
-        try:
-            digest.update(f"{record.file_name}:{path.stat().st_size}".encode())
-        except FileNotFoundError:
-            raise DataError(f"image listed in {ANNOTATIONS} but missing: {path}") from None
-        except (OSError, ValueError) as err:
-            raise DataError(f"{path}: cannot read ({err})") from None
-    return digest.hexdigest()[:16]
-
-
 def load_split(
-    data_dir: Path,
+    data: Dataset | Path,
     split: str,
     size_px: int,
     *,
@@ -251,19 +343,15 @@ def load_split(
     cache_dir: Path | None = None,
     workers: int | None = None,
 ) -> Split:
-    """Arrays of ``data_dir/split`` at ``size_px``, built once and then memory-mapped from cache.
+    """Arrays of one split at ``size_px``, built once and then memory-mapped from cache.
 
+    ``data``: an ``open_dataset`` result, or a folder (opened with the default options).
     ``native=True`` also loads the bit-packed masks at native resolution (for metrics).
     """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise DataError(f"data folder not found: {data_dir}")
-    split_dir = data_dir / split
-    if not split_dir.is_dir():
-        raise DataError(f"split folder missing: {split_dir} (expected {', '.join(SPLITS)} under {data_dir})")
+    dataset = data if isinstance(data, Dataset) else open_dataset(Path(data))
+    samples = dataset.splits[split]
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    records = read_split(split_dir)  # parsed once: it validates, fingerprints and builds
-    root = cache_dir / f"{split}-{split_fingerprint(split_dir, records)}"
+    root = cache_dir / f"{split}-{dataset.split_keys[split]}"
 
     def entry(name: str, build) -> Path:
         target = root / name
@@ -271,11 +359,11 @@ def load_split(
             _build_atomically(target, build)
         return target
 
-    sized = entry(f"{size_px}px", lambda tmp: _build_sized(split_dir, records, size_px, tmp, workers))
+    sized = entry(f"{size_px}px", lambda tmp: _build_sized(dataset, split, size_px, tmp, workers))
     meta = json.loads((sized / "meta.json").read_text())
     native_masks = None
     if native:
-        native_dir = entry("native", lambda tmp: _build_native(split_dir, records, tmp))
+        native_dir = entry("native", lambda tmp: _build_native(dataset, split, tmp))
         native_masks = np.load(native_dir / "masks_packed.npy", mmap_mode="r")
     return Split(
         name=split,
@@ -283,7 +371,7 @@ def load_split(
         masks=np.load(sized / "masks.npy", mmap_mode="r"),
         native_masks=native_masks,
         native_hw=tuple(meta["native_hw"]),
-        file_names=tuple(meta["file_names"]),
+        file_names=tuple(s.label for s in samples),
     )
 
 
@@ -305,58 +393,137 @@ def _build_atomically(target: Path, build) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _native_hw(split_dir: Path, records: list[ImageRecord]) -> tuple[int, int]:
-    sizes = {(r.height, r.width) for r in records}
-    if len(sizes) != 1:
-        raise DataError(
-            f"{split_dir / ANNOTATIONS}: images of several sizes {sorted(sizes)[:3]}...; "
-            "tumorseg needs one native size per split"
-        )
-    return sizes.pop()
+def native_hw(dataset: Dataset, split: str) -> tuple[int, int]:
+    """The split's one native size (a DataError naming two files when there are several)."""
+    samples = dataset.splits[split]
+    first = samples[0]
+    for sample in samples:
+        if sample.hw != first.hw:
+            raise DataError(
+                f"{dataset.root / sample.images[0]} is {sample.hw[1]}x{sample.hw[0]} but "
+                f"{dataset.root / first.images[0]} is {first.hw[1]}x{first.hw[0]}: tumorseg needs one native "
+                f"size per split ({split})"
+            )
+    return first.hw
 
 
-def _build_sized(split_dir: Path, records, size_px: int, out: Path, workers: int | None) -> None:
+def _build_sized(dataset: Dataset, split: str, size_px: int, out: Path, workers: int | None) -> None:
     from tqdm.auto import tqdm
 
-    native_hw = _native_hw(split_dir, records)
-    images = np.lib.format.open_memmap(out / "images.npy", "w+", np.uint8, (len(records), size_px, size_px))
-    masks = np.lib.format.open_memmap(out / "masks.npy", "w+", np.uint8, (len(records), size_px, size_px))
+    samples = dataset.splits[split]
+    hw = native_hw(dataset, split)
+    channel_shape = () if dataset.channels == 1 else (dataset.channels,)
+    images = np.lib.format.open_memmap(out / "images.npy", "w+", np.uint8, (len(samples), *channel_shape, size_px, size_px))
+    masks = np.lib.format.open_memmap(out / "masks.npy", "w+", np.uint8, (len(samples), size_px, size_px))
 
     def work(i: int) -> None:
-        record = records[i]
-        images[i] = decode_gray(split_dir / record.file_name, size_px, (record.height, record.width))
-        masks[i] = rasterize(record.polygons, (record.height, record.width), (size_px, size_px))
+        images[i] = decode_sample(dataset, samples[i], size_px)
+        masks[i] = sample_mask(dataset, samples[i], (size_px, size_px))
 
     # PIL releases the GIL while decoding, so threads use every core without pickling arrays.
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        jobs = pool.map(work, range(len(records)))
-        desc = f"caching {split_dir.name} at {size_px}px"
-        for _ in tqdm(jobs, total=len(records), desc=desc, unit="img", file=sys.stderr, mininterval=1.0):
+        jobs = pool.map(work, range(len(samples)))
+        desc = f"caching {split} at {size_px}px"
+        for _ in tqdm(jobs, total=len(samples), desc=desc, unit="img", file=sys.stderr, mininterval=1.0):
             pass
     images.flush()
     masks.flush()
-    meta = {"native_hw": native_hw, "file_names": [r.file_name for r in records], "size_px": size_px}
+    meta = {"native_hw": hw, "file_names": [s.name for s in samples], "size_px": size_px, "channels": dataset.channels}
     (out / "meta.json").write_text(json.dumps(meta))
 
 
-def _build_native(split_dir: Path, records, out: Path) -> None:
-    height, width = _native_hw(split_dir, records)
-    packed = np.lib.format.open_memmap(
-        out / "masks_packed.npy", "w+", np.uint8, (len(records), height, (width + 7) // 8)
-    )
-    for i, record in enumerate(records):
-        packed[i] = np.packbits(rasterize(record.polygons, (height, width), (height, width)), axis=-1)
+def _build_native(dataset: Dataset, split: str, out: Path) -> None:
+    samples = dataset.splits[split]
+    height, width = native_hw(dataset, split)
+    packed = np.lib.format.open_memmap(out / "masks_packed.npy", "w+", np.uint8, (len(samples), height, (width + 7) // 8))
+    for i, sample in enumerate(samples):
+        packed[i] = np.packbits(sample_mask(dataset, sample), axis=-1)
     packed.flush()
 
 
 def load_dataset(
-    data_dir: Path,
+    data: Dataset | Path,
     size_px: int,
-    splits=("train", "valid", "test"),
+    splits=SPLITS,
     cache_dir: Path | None = None,
+    *,
+    options: DataOptions | None = None,
 ) -> dict[str, Split]:
-    """The named splits at ``size_px``; evaluation splits carry their native masks."""
+    """The named splits at ``size_px``; evaluation splits carry their native masks.
+
+    ``data``: an ``open_dataset`` result, or a folder opened with ``options``.
+    """
+    dataset = data if isinstance(data, Dataset) else open_dataset(Path(data), options or DataOptions())
     return {
-        split: load_split(data_dir, split, size_px, native=split != "train", cache_dir=cache_dir)
+        split: load_split(dataset, split, size_px, native=split != "train", cache_dir=cache_dir)
         for split in splits
     }
+
+
+def cross_split_duplicates(data: dict[str, Split]) -> dict[str, list[tuple[str, str]]]:
+    """``{"valid": [(valid name, train name), ...], "test": [...]}``: images identical (as arrays at
+    the cached size) to a training image; test images are also checked against validation."""
+    def digest(split: Split, i: int) -> bytes:
+        return hashlib.sha1(np.ascontiguousarray(split.images[i]).tobytes()).digest()
+
+    index = {name: {} for name in data}
+    for name, split in data.items():
+        for i in range(len(split)):
+            index[name].setdefault(digest(split, i), split.file_names[i])
+    out = {}
+    for name, earlier in (("valid", ("train",)), ("test", ("train", "valid"))):
+        if name not in data:
+            continue
+        split, pairs = data[name], []
+        for i in range(len(split)):
+            d = digest(split, i)
+            match = next((index[e][d] for e in earlier if d in index.get(e, {})), None)
+            if match is not None:
+                pairs.append((split.file_names[i], match))
+        out[name] = pairs
+    return out
+
+
+def report_duplicates(data: dict[str, Split], log=print) -> int:
+    """Log how many valid/test images are identical to earlier splits' images; returns the count."""
+    duplicates = cross_split_duplicates(data)
+    count = sum(len(pairs) for pairs in duplicates.values())
+    if count:
+        parts = [f"{split} {len(pairs)} (e.g. {pairs[0][0]} = {pairs[0][1]})" for split, pairs in duplicates.items() if pairs]
+        log(f"warning: {count} image(s) identical across splits: " + "; ".join(parts))
+    return count
+
+
+# ----------------------------------------------------------------------------- python -m tumorseg.data
+
+
+def inspect(dataset: Dataset, size_px: int = 256, cache_dir: Path | None = None) -> dict:
+    """The report of ``python -m tumorseg.data`` (``tumorseg.inspect_data``), as a JSON-able dict.
+    Builds (or reuses) the cache at ``size_px`` to compare images across splits."""
+    from tumorseg.inspect_data import summarize
+
+    masks = {split: [sample_mask(dataset, s) for s in dataset.splits[split]] for split in SPLITS}
+    arrays = load_dataset(dataset, size_px, cache_dir=cache_dir)
+    return summarize(dataset, masks, cross_split_duplicates(arrays), size_px)
+
+
+def main(argv=None) -> int:
+    from tumorseg.cli import ArgumentParser, exit_on_user_error
+    from tumorseg.inspect_data import report_lines
+
+    p = ArgumentParser(prog="tumorseg.data", description="Describe a dataset folder (any layout) before training on it.")
+    p.add_argument("data", type=Path, help="dataset folder")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--size", type=int, default=256, help="cache size at which images are compared (default 256)")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    add_data_arguments(p)
+    args = p.parse_args(argv)
+    with exit_on_user_error("tumorseg.data"):
+        dataset = open_dataset(args.data, DataOptions.from_args(args))
+        report = inspect(dataset, args.size, args.cache_dir)
+    print(json.dumps(report, indent=1) if args.json else "\n".join(report_lines(report)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -277,7 +277,7 @@ def train(
     accelerator = make_accelerator(cfg)
     if encoder_state is None and resume_state is None:
         encoder_state = load_encoder_state(cfg.encoder_weights)
-    model = create_model(encoder_state)
+    model = create_model(encoder_state, in_channels=data["train"].channels)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -53,7 +53,7 @@ def eval_autocast(cfg: TrainConfig, device: torch.device):
 
 
 def to_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 ``(B, 1, H, W)`` -> normalised float on ``device`` (non-blocking from pinned memory)."""
+    """uint8 ``(B, C, H, W)`` -> normalised float on ``device`` (non-blocking from pinned memory)."""
     x = normalize(images.to(device, non_blocking=True))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -62,17 +62,25 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def as_batch(images: np.ndarray) -> torch.Tensor:
+    """uint8 images as a ``(B, C, S, S)`` tensor: ``(B, S, S)`` gains its channel axis (a copy:
+    the arrays may be read-only memory maps)."""
+    images = np.array(images, np.uint8)
+    return torch.from_numpy(images[:, None] if images.ndim == 3 else images)
+
+
 def forward_logits(model: torch.nn.Module, images: np.ndarray, cfg: TrainConfig) -> torch.Tensor:
-    """fp32 logits ``(B, 1, S, S)`` of uint8 images ``(B, S, S)``, under the evaluation precision."""
+    """fp32 logits ``(B, 1, S, S)`` of uint8 images ``(B, S, S)`` or ``(B, C, S, S)``, under the
+    evaluation precision."""
     device = model_device(model)
-    x = to_input(torch.from_numpy(np.array(images)[:, None]), device, cfg.channels_last)
+    x = to_input(as_batch(images), device, cfg.channels_last)
     with eval_autocast(cfg, device):
         return model(x).float()
 
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: np.ndarray, cfg: TrainConfig) -> torch.Tensor:
-    """Logits at training resolution for uint8 ``(N, S, S)`` images, in ``eval_batch_size`` chunks."""
+    """Logits at training resolution for uint8 ``(N, [C,] S, S)`` images, in ``eval_batch_size`` chunks."""
     model.eval()
     chunks = [forward_logits(model, images[start : start + cfg.eval_batch_size], cfg)
               for start in range(0, len(images), cfg.eval_batch_size)]

@@ -1,4 +1,4 @@
-"""The model: ``smp.Unet("resnet18", in_channels=1, classes=1)`` and its encoder weights.
+"""The model: ``smp.Unet("resnet18", in_channels=C, classes=1)`` (C: the dataset's channels) and its encoder weights.
 
 ``encoder_weights`` is ``"imagenet"`` (the recipe), ``"none"`` (random init) or a path to a
 weights file. ImageNet weights come from the Hugging Face hub (``smp-hub/resnet18.imagenet``) the
@@ -98,20 +98,36 @@ def load_encoder_state(spec: str) -> dict[str, torch.Tensor] | None:
     return None if path is None else read_encoder_state(path)
 
 
-def create_model(encoder_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """UNet-ResNet18 for 1-channel input and 1 logit per pixel.
+def adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A 3-channel ``conv1`` weight adapted to ``in_channels`` exactly as smp 0.6 does it
+    (``encoders._utils.patch_first_conv``): summed over RGB for 1 channel (exact for a grey image
+    replicated to RGB); otherwise channel ``i`` takes the RGB filter ``i % 3``, all scaled by
+    ``3 / in_channels`` so a constant input gives the same response."""
+    if weight.shape[1] == in_channels:
+        return weight
+    if weight.shape[1] != 3:
+        raise ConfigError(f"--encoder-weights: conv1 has {weight.shape[1]} input channels; cannot adapt it to {in_channels}")
+    if in_channels == 1:
+        return weight.sum(1, keepdim=True)
+    return weight[:, [i % 3 for i in range(in_channels)]] * (3 / in_channels)
 
-    ``encoder_state``: ResNet18 weights; a 3-channel first convolution is summed over its input
-    channels (as smp does for ``in_channels=1``), which is exact for grey images.
+
+def create_model(encoder_state: dict[str, torch.Tensor] | None = None, in_channels: int = 1) -> nn.Module:
+    """UNet-ResNet18 for ``in_channels``-channel input and 1 logit per pixel.
+
+    ``encoder_state``: ResNet18 weights (pre-resolved, e.g. ImageNet); a first convolution with
+    another channel count is adapted with ``adapt_first_conv`` (smp's rule).
     """
     import segmentation_models_pytorch as smp
 
-    model = smp.Unet(ENCODER, encoder_weights=None, in_channels=1, classes=1)
+    if in_channels < 1:
+        raise ConfigError(f"in_channels must be >= 1, got {in_channels}")
+    model = smp.Unet(ENCODER, encoder_weights=None, in_channels=in_channels, classes=1)
     if encoder_state is not None:
         state = dict(encoder_state)
         conv1 = state.get("conv1.weight")
-        if conv1 is not None and conv1.shape[1] == 3:
-            state["conv1.weight"] = conv1.sum(1, keepdim=True)
+        if conv1 is not None:
+            state["conv1.weight"] = adapt_first_conv(conv1, in_channels)
         try:
             model.encoder.load_state_dict(state)
         except RuntimeError as err:

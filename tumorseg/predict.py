@@ -16,23 +16,16 @@ import numpy as np
 from PIL import Image
 
 from tumorseg.cli import ArgumentParser, exit_on_user_error
-from tumorseg.data import decode_gray
-from tumorseg.errors import DataError
-from tumorseg.checkpoint import load_model
+from tumorseg.checkpoint import in_channels, load_model
+from tumorseg.imageio import decode_for_model, read_header
 from tumorseg.inference import predict_masks
 from tumorseg.visualize import overlay
 
 
 def predict_file(model, cfg, path: Path) -> np.ndarray:
     """The predicted {0,1} mask of one image file, at the image's native resolution."""
-    try:
-        with Image.open(path) as image:
-            native_hw = (image.height, image.width)
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
-    except OSError as err:
-        raise DataError(f"{path}: unreadable image ({err})") from None
-    small = decode_gray(path, cfg.resize_px, native_hw)
+    native_hw = read_header(path).hw
+    small = decode_for_model(path, cfg.resize_px, in_channels(model))  # refuses another channel count
     return predict_masks(model, small[None], cfg, native_hw)[0]  # probability > cfg.threshold
 
 
@@ -48,7 +41,7 @@ def main(argv=None) -> None:
         for path in args.images:
             mask = predict_file(model, cfg, path)
             Image.fromarray(mask * 255).save(args.out / f"{path.stem}_mask.png")
-            native = decode_gray(path, None, mask.shape)
+            native = decode_for_model(path, None, in_channels(model))
             overlay(native, np.zeros_like(mask), mask).save(args.out / f"{path.stem}_overlay.png")
             print(f"{path}: {int(mask.sum())} tumour pixels -> {args.out}")
 

@@ -1,7 +1,9 @@
 """Augmentation pipelines (albumentations) and input normalisation.
 
-Pipelines work on 1-channel uint8 arrays and return uint8: normalisation happens on the device
-(``normalize``), so workers and host-to-device copies move 4x fewer bytes than float32.
+Pipelines work on uint8 arrays, ``(S, S)`` for one channel or ``(C, S, S)`` for more (given to
+albumentations as ``H x W x C``: geometry moves every channel alike, brightness/contrast jitter
+applies to each), and return uint8: normalisation happens on the device (``normalize``), so
+workers and host-to-device copies move 4x fewer bytes than float32.
 
 - train: ``train_transform(cfg)`` then ``normalize``;
 - eval: the cached arrays as they are (resized once, at cache time) then ``normalize``.
@@ -50,7 +52,9 @@ def train_transform(cfg: TrainConfig, seed: int | None = None):
 
 
 def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(B, 1, H, W)`` on any device -> float32 normalised with the grey ImageNet stats."""
+    """uint8 ``(B, C, H, W)`` on any device -> float32 normalised with the grey ImageNet stats.
+
+    Every channel gets the grey statistics: each is a grey MR sequence, not an RGB colour."""
     return (images_uint8.float() / 255.0 - IMAGENET_GRAY_MEAN) / IMAGENET_GRAY_STD
 
 
@@ -65,11 +69,15 @@ class AugmentedArrays(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         image, mask = np.asarray(self.images[index]), np.asarray(self.masks[index])
+        channels_first = image.ndim == 3
         if self.transform is not None:
-            out = self.transform(image=image, mask=mask)
+            hwc = np.moveaxis(image, 0, -1) if channels_first else image
+            out = self.transform(image=np.ascontiguousarray(hwc), mask=mask)
             image, mask = out["image"], out["mask"]
+            image = np.moveaxis(image, -1, 0) if channels_first else image
         # copy: the arrays may be read-only views into the Ray object store or a memmap
-        return torch.from_numpy(np.array(image, np.uint8)[None]), torch.from_numpy(np.array(mask, np.uint8)[None])
+        image = np.array(image, np.uint8)
+        return torch.from_numpy(image if channels_first else image[None]), torch.from_numpy(np.array(mask, np.uint8)[None])
 
 
 def seed_worker(worker_id: int) -> None:

@@ -23,7 +23,9 @@ def outline(mask: np.ndarray) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, true_mask: np.ndarray, pred_mask: np.ndarray) -> Image.Image:
-    rgb = np.repeat(np.asarray(image, np.uint8)[..., None], 3, axis=2)
+    """Outlines over the image (over its first channel when it has several)."""
+    image = np.asarray(image, np.uint8)
+    rgb = np.repeat((image[0] if image.ndim == 3 else image)[..., None], 3, axis=2)
     rgb[outline(true_mask)] = TRUE_RGB
     rgb[outline(pred_mask)] = PRED_RGB
     return Image.fromarray(rgb)
