@@ -29,6 +29,8 @@ SWEEP_OWNED_FIELDS = ("epochs", "seed", "num_workers")
 # flags that may differ on --resume (they change how the driver runs, not what the sweep is)
 RESUMABLE_FLAGS = {"name", "storage", "resume", "address", "dashboard", "dashboard_host", "dashboard_port",
                    "ray_temp_dir", "no_retrain", "retrain_seeds"}
+# tumorseg.data.add_data_arguments' flags (their values live in SweepSettings.data_options)
+DATA_FLAGS = {"layout", "labels", "split", "split_seed", "group_by", "splits", "allow_unlabelled"}
 SPACE_FLAG_TYPES = {"int_list": parse_int_list, "str_list": lambda v: [x for x in v.split(",") if x],
                     "range": parse_range, "int_range": parse_range}
 
@@ -103,6 +105,8 @@ def check_resume_flags(given: set[str], new: tuple[SweepSettings, SearchSpace, d
     (settings, space, base), (old_settings, old_space, old_base) = new, saved
 
     def differs(dest: str) -> bool:
+        if dest in DATA_FLAGS:
+            return DataOptions.from_dict(settings.data_options).to_dict() != DataOptions.from_dict(old_settings.data_options).to_dict()
         if dest in ("space", "debug"):
             return dest == "debug" or space.to_dict() != old_space.to_dict()
         if dest == "fixed":

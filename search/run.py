@@ -106,6 +106,9 @@ def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: li
 
     encoder_state = load_encoder_state(base["encoder_weights"])  # once, shipped to every trial
     t0 = time.perf_counter()
+    if not restore:  # left by an attempt that failed before it claimed the name: not this sweep's
+        for stale in (rundir.SPLITS_JSON, rundir.DATA_SUMMARY_TXT):
+            (settings.run_dir / stale).unlink(missing_ok=True)
     dataset = settings.open_dataset()
     print_data_summary(dataset, min(space.resize_choices), settings.cache_dir, settings.run_dir)
     data = load_search_data(dataset, space.resize_choices, settings.cache_dir)
