@@ -32,6 +32,8 @@ import pandas as pd
 
 from tumorseg.cli import ArgumentParser
 
+from search.rundir import TRIALS_CSV, TUNE_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,11 +62,11 @@ def sweep_efficiency(data: Path, out: Path, k: int, slots: int, epochs: int, res
             "--grace-period", str(epochs), "--no-retrain", *fixed_space_args(resize, 2e-3), *common]
     driver_wall, _ = _run(args)
     run_dir = out / name
-    table = pd.read_csv(run_dir / "trials.csv")
+    table = pd.read_csv(run_dir / TRIALS_CSV)
     wall_a = table["end_ts"].max() - table["start_ts"].min()
     fresh, reused, pids = [], [], set()
     for row in table.sort_values("start_ts").itertuples():
-        first = json.loads((run_dir / "tune" / row.trial_dir / "result.json").read_text().splitlines()[0])
+        first = json.loads((run_dir / TUNE_DIR / row.trial_dir / "result.json").read_text().splitlines()[0])
         # a trial in a process that ran an earlier trial (actor reuse) skips Python + torch start-up
         (reused if first["pid"] in pids else fresh).append(first["first_step_ts"] - row.start_ts)
         pids.add(first["pid"])
@@ -132,7 +134,7 @@ def early_stopping_yield(data: Path, out: Path, n: int, epochs: int, resize: int
                 "--resize-choices", str(resize), "--lr-range", "3e-4,1e-2", "--encoder-weights", "none",
                 "--no-dashboard", "--no-retrain", "--num-workers", "0", "--seed", str(seed)]
         wall, _ = _run(args)
-        table = pd.read_csv(out / name / "trials.csv")
+        table = pd.read_csv(out / name / TRIALS_CSV)
         results[label] = {"epochs": int(table["epochs_run"].sum()), "best": float(table["best_val_dice"].max()), "wall_s": wall}
     results["epoch_ratio"] = results["full"]["epochs"] / max(1, results["asha"]["epochs"])
     results["best_gap"] = results["full"]["best"] - results["asha"]["best"]

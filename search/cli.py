@@ -26,9 +26,10 @@ from search.space import PARAM_NAMES, SearchSpace, define_by_run, fit_to_budget,
 
 # TrainConfig fields with a sweep-specific meaning, defined by hand below
 SWEEP_OWNED_FIELDS = ("epochs", "seed", "num_workers")
-# flags that may differ on --resume (they change how the driver runs, not what the sweep is)
-RESUMABLE_FLAGS = {"name", "storage", "resume", "address", "dashboard", "dashboard_host", "dashboard_port",
-                   "ray_temp_dir", "no_retrain", "retrain_seeds"}
+# flags that may differ on --resume (they change how the driver runs, not what the sweep is);
+# RESUMED_SETTINGS are the SweepSettings fields such a flag sets on the saved sweep
+RESUMED_SETTINGS = ("dashboard", "dashboard_host", "dashboard_port", "ray_temp_dir", "no_retrain", "retrain_seeds", "cache_dir")
+RESUMABLE_FLAGS = {"name", "storage", "resume", "address", *RESUMED_SETTINGS}
 # tumorseg.data.add_data_arguments' flags (their values live in SweepSettings.data_options)
 DATA_FLAGS = {"layout", "labels", "split", "split_seed", "group_by", "splits", "allow_unlabelled"}
 SPACE_FLAG_TYPES = {"int_list": parse_int_list, "str_list": lambda v: [x for x in v.split(",") if x],
@@ -84,7 +85,7 @@ def build_parser() -> ArgumentParser:
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """The ``dest`` names of the flags ``argv`` actually gives (not left at their defaults)."""
-    quiet = argparse.ArgumentParser(add_help=False)
+    quiet = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for action in parser._actions:  # the same flags, every default suppressed
         if action.option_strings and action.dest != "help":
             kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
@@ -136,10 +137,12 @@ def space_from_args(args) -> tuple[SearchSpace, bool]:
     try:
         space = SearchSpace.from_dict(values, source=str(args.space)) if values else SearchSpace()
         return space.replace(**flags), explicit_warmup
-    except ConfigError as err:
+    except ConfigError as err:  # name the flag the user gave, else the file the value came from
         name, _, rest = str(err).partition(":")
         flag = {f.name: f.metadata["flag"] for f in dataclasses.fields(SearchSpace)}.get(name)
-        raise ConfigError(f"{flag}:{rest}" if flag else str(err)) from None
+        if flag and name in flags:
+            raise ConfigError(f"{flag}:{rest}") from None
+        raise ConfigError(f"--space {args.space}: {err}" if args.space and name in values else str(err)) from None
 
 
 def read_points(path: Path, space: SearchSpace) -> list[dict]:
@@ -211,6 +214,8 @@ def check_counts(args) -> float:
             _positive("--" + flag.replace("_", "-"), getattr(args, flag), allow_zero=flag == "num_workers")
     if args.name is not None and (not args.name or "/" in args.name or args.name.startswith(".")):
         raise ConfigError(f"--name {args.name!r}: use a plain folder name")
+    if args.debug and args.resume:
+        raise ConfigError("--debug runs one trial in this process without Ray; it cannot --resume a sweep")
     if args.data is not None and not Path(args.data).is_dir():
         raise ConfigError(f"--data: folder not found: {args.data}")
     return gpus_per_trial
@@ -235,6 +240,14 @@ def base_config(args) -> dict[str, Any]:
     return base
 
 
+def data_options(args) -> DataOptions:
+    """The data flags; a ``--splits`` file by absolute path (resume and retrain may run elsewhere)."""
+    options = DataOptions.from_args(args)
+    if options.splits_file is not None:
+        options = dataclasses.replace(options, splits_file=Path(options.splits_file).resolve())
+    return options
+
+
 def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict, list[str]]:
     """Validate every flag: ``(settings, space, base config, notes)``; ``ConfigError`` names the first bad flag."""
     gpus_per_trial = check_counts(args)
@@ -244,7 +257,7 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict, list[str
         name=args.name or time.strftime("sweep-%Y%m%d-%H%M%S"),
         storage=args.storage,
         data=str(Path(args.data).resolve()) if args.data else None,
-        data_options=DataOptions.from_args(args).to_dict(),
+        data_options=data_options(args).to_dict(),
         gpus=args.gpus,
         gpus_per_trial=gpus_per_trial,
         cpus_per_trial=args.cpus_per_trial,
@@ -266,4 +279,8 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict, list[str
         reuse_actors=args.reuse_actors,
         no_retrain=args.no_retrain,
     )
-    return settings, space, base_config(args), notes
+    base = base_config(args)
+    if gpus_per_trial > 1 and base["batch_size"] % int(gpus_per_trial):
+        raise ConfigError(f"--batch-size {base['batch_size']} must be a multiple of --gpus-per-trial {gpus_per_trial:g} "
+                          "(each data-parallel worker gets an equal slice of the global batch)")
+    return settings, space, base, notes

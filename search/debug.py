@@ -19,9 +19,12 @@ def run_debug(settings: SweepSettings, space: SearchSpace, base: dict, explicit_
     for note in notes:
         print(f"note: {note}")
     base = {**base, "epochs": base["epochs"] if explicit_epochs else 2, "num_workers": 0}
+    if params["warmup_epochs"] >= base["epochs"]:  # the tiny budget would end inside the warmup
+        params["warmup_epochs"] = base["epochs"] - 1
+        print(f"note: warmup_epochs {params['warmup_epochs']} so the {base['epochs']}-epoch debug run reaches its lr")
     print(f"debug: one trial in-process, no Ray: {params} for {base['epochs']} epoch(s)")
     encoder_state = load_encoder_state(base["encoder_weights"])
-    dataset = settings.open_dataset()
+    dataset = settings.open_dataset(write_splits=False)  # debug mode leaves no run folder behind
     print(f"data: {dataset.info.describe()}")
     data = load_search_data(dataset, [params["resize_px"]], settings.cache_dir)
 

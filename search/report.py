@@ -24,7 +24,7 @@ import pandas as pd
 from tumorseg.cli import ArgumentParser, exit_on_user_error
 from tumorseg.errors import UserError
 
-from search.rundir import DATA_SUMMARY_TXT, TUNE_DIR, read_sweep_json
+from search.rundir import BEST_CONFIG_JSON, DATA_SUMMARY_TXT, FINAL_DIR, REPORT_HTML, TUNE_DIR, read_sweep_json
 from search.space import SearchSpace, applicable_params, distributions
 from search.trials import read_table, scored_trials
 
@@ -323,9 +323,9 @@ def build_report(run_dir: Path) -> Path:
     space = SearchSpace.from_dict(sweep["space"])
     max_epochs = int(sweep["settings"]["epochs"])
     table = read_table(run_dir)
-    final_path = run_dir / "final" / "metrics.json"
+    final_path = run_dir / FINAL_DIR / "metrics.json"
     final = json.loads(final_path.read_text()) if final_path.is_file() else None
-    best_path = run_dir / "best_config.json"
+    best_path = run_dir / BEST_CONFIG_JSON
     best = json.loads(best_path.read_text()) if best_path.is_file() else None
     scored = scored_trials(table)
     n_trials = 0 if table is None else len(table)
@@ -383,7 +383,7 @@ def build_report(run_dir: Path) -> Path:
 
     # 6: predictions
     sections.append("<h2>6. Predictions of the final model (test split)</h2>")
-    overlays = [(run_dir / "final" / f"overlay_{name}.png", f"{name} test image by Dice") for name in ("best", "median", "worst")]
+    overlays = [(run_dir / FINAL_DIR / f"overlay_{name}.png", f"{name} test image by Dice") for name in ("best", "median", "worst")]
     if all(path.is_file() for path, _ in overlays):
         sections.append("<p>Green: true tumour box outline; red: predicted outline.</p><div class='overlays'>"
                         + "".join(_image_html(p, c) for p, c in overlays) + "</div>")
@@ -416,7 +416,7 @@ Report written {time.strftime('%Y-%m-%d %H:%M:%S')} from {html.escape(str(run_di
 {''.join(sections)}
 <script type="text/javascript">{SORT_JS}</script>
 </body></html>"""
-    out = run_dir / "report.html"
+    out = run_dir / REPORT_HTML
     tmp = out.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out)

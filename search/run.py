@@ -21,7 +21,7 @@ from tumorseg.cli import exit_on_user_error
 from tumorseg.errors import ConfigError
 
 from search import cluster, rundir
-from search.cli import build_parser, check_resume_flags, explicit_flags, settings_from_args
+from search.cli import RESUMED_SETTINGS, build_parser, check_resume_flags, explicit_flags, settings_from_args
 from search.rundir import SweepSettings
 from search.space import SearchSpace
 from search.storage import check_visible_from_all_nodes, check_writable, is_uri
@@ -77,7 +77,7 @@ def resume_settings(given: SweepSettings, flags: set[str]) -> tuple[SweepSetting
     if is_uri(given.storage):
         settings.storage = given.storage
     settings.address = given.address  # where the cluster is now (also from RAY_ADDRESS)
-    for name in flags & {"dashboard", "dashboard_host", "dashboard_port", "ray_temp_dir", "no_retrain", "retrain_seeds"}:
+    for name in flags & set(RESUMED_SETTINGS):
         setattr(settings, name, getattr(given, name))
     return settings, space, base, payload
 
@@ -140,7 +140,8 @@ def place_trials(settings: SweepSettings, base: dict) -> int:
 
     if settings.cpus_per_trial is None:
         settings.cpus_per_trial = cluster.default_cpus_per_trial(cluster.alive_nodes(), settings.gpus_per_trial)
-    base.setdefault("num_workers", max(0, int(settings.cpus_per_trial) - 1))
+    workers = int(settings.gpus_per_trial) if settings.gpus_per_trial > 1 else 1  # data-parallel ranks share the CPUs
+    base.setdefault("num_workers", max(0, int(settings.cpus_per_trial / workers) - 1))
     cluster.check_resources(settings)
     total = ray.cluster_resources()
     slots, binding = cluster.concurrent_trials(settings, total.get("CPU", 0), total.get("GPU", 0))
@@ -206,7 +207,7 @@ def upload(settings: SweepSettings) -> None:
     if is_uri(settings.storage):
         from search.storage import upload as upload_dir
 
-        upload_dir(settings.run_dir, settings.ray_root)
+        upload_dir(settings.run_dir, settings.ray_root, exclude=rundir.TUNE_DIR)
         print(f"uploaded {settings.run_dir} to {settings.ray_root}")
 
 

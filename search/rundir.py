@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tumorseg.data import SPLITS_JSON  # the carve, the same file name as in a tumorseg.train --out
 from tumorseg.errors import UserError
 
 from search.space import SearchSpace
@@ -33,7 +34,6 @@ from search.storage import is_uri
 SWEEP_JSON = "sweep.json"
 TRIALS_CSV = "trials.csv"
 BEST_CONFIG_JSON = "best_config.json"
-SPLITS_JSON = "splits.json"  # the carve (tumorseg.data writes the same name into a train --out)
 DATA_SUMMARY_TXT = "data_summary.txt"  # the three dataset lines the sweep printed at start
 TUNE_DIR = "tune"  # Ray's experiment folder inside the run folder
 FINAL_DIR = "final"
@@ -94,7 +94,7 @@ class SweepSettings:
 
         return resolve_data_dir(Path(self.data) if self.data else None, Path(self.cache_dir) if self.cache_dir else None)
 
-    def open_dataset(self):
+    def open_dataset(self, write_splits: bool = True):
         """The sweep's dataset, split as it was first split: the run folder's ``splits.json``
         is reused when present, and written the first time the splits are carved."""
         from tumorseg.data import DataOptions, open_dataset
@@ -104,7 +104,7 @@ class SweepSettings:
         if splits_json.is_file():
             options = dataclasses.replace(options, splits_file=splits_json)
         dataset = open_dataset(self.resolve_data_dir(), options)
-        if dataset.carved:
+        if dataset.carved and write_splits:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dataset.write_splits(splits_json)
         return dataset

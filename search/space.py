@@ -69,7 +69,6 @@ PARAMS = (
     Param("weight_decay", "weight_decay_range", "float", log=True),
 )
 PARAM_NAMES = tuple(p.name for p in PARAMS)
-PARAMS_BY_NAME = {p.name: p for p in PARAMS}
 # Which conditional parameters each loss type samples (derived; for tables and docs).
 LOSS_PARAMS = {t: tuple(p.name for p in PARAMS if p.loss_types and t in p.loss_types) for t in LOSS_TYPES}
 _CONFIG_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}

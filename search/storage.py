@@ -86,7 +86,7 @@ def check_visible_from_all_nodes(local_dir: Path) -> None:
         )
 
 
-def upload(local_dir: Path, uri: str, exclude: str = "tune") -> None:
+def upload(local_dir: Path, uri: str, exclude: str) -> None:
     """Copy the driver's files (not Ray's ``tune/``, which Ray writes there itself) to ``uri``."""
     import pyarrow.fs
 

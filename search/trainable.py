@@ -1,8 +1,8 @@
-"""The trainable: a thin adapter from one sampled point to ``tumorseg.train.train``.
+"""The trainable: a thin adapter from one sampled point to ``tumorseg.engine.train``.
 
 ``run_trial`` is the code path of every trial. It knows nothing of Ray: it gets a ``report``
 function. ``tune_trainable`` is the Ray adapter (imports Ray lazily); ``--debug`` mode calls
-``run_trial`` directly with a printing ``report``, so a breakpoint in ``tumorseg/train.py`` works.
+``run_trial`` directly with a printing ``report``, so a breakpoint in ``tumorseg/engine.py`` works.
 
 Per epoch the trial reports native-resolution validation metrics and hands over a checkpoint of
 that epoch's resumable state, which holds both the latest weights (to resume from) and the best

@@ -28,7 +28,12 @@ def exit_on_user_error(prog: str):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (``prog: error: ...``) and exit status 2."""
+    """argparse, but a usage error is one line (``prog: error: ...``) and exit status 2, and no
+    abbreviated flags (``--resize`` must not silently mean ``--resize-choices``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         print(f"{self.prog}: error: {message}", file=sys.stderr)

@@ -84,6 +84,13 @@ def build_train_loader(split: Split, cfg: TrainConfig) -> torch.utils.data.DataL
 # ----------------------------------------------------------------------------- one epoch, evaluation
 
 
+def all_finite(finite: torch.Tensor, accelerator) -> bool:
+    """Whether the loss stayed finite on every process: all ranks stop together (a rank that left
+    alone would leave the others waiting in the next gradient all-reduce until the timeout)."""
+    bad = (~finite).to(torch.float32)
+    return bool(accelerator.reduce(bad, "sum").item() == 0) if accelerator.num_processes > 1 else bool(finite)
+
+
 def train_one_epoch(model, loader, criterion, optimizer, schedule, accelerator, cfg: TrainConfig) -> dict:
     model.train()
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -103,9 +110,9 @@ def train_one_epoch(model, loader, criterion, optimizer, schedule, accelerator, 
         loss_sum += loss.detach()
         finite &= torch.isfinite(loss.detach())
         images_seen += len(images)
-        if step % 10 == 9 and not finite:  # sync with the device only every 10 steps
+        if step % 10 == 9 and not all_finite(finite, accelerator):  # sync with the device only every 10 steps
             break
-    if not finite:
+    if not all_finite(finite, accelerator):
         raise NonFiniteLossError(f"training loss became non-finite (lr {optimizer.param_groups[0]['lr']:.3g})")
     elapsed = time.perf_counter() - start
     loss_mean = accelerator.reduce(loss_sum, "mean").item()  # the mean over processes
