@@ -16,7 +16,7 @@ import torch
 
 from tumorseg.config import TrainConfig
 from tumorseg.errors import UserError
-from tumorseg.model import create_model
+from tumorseg.model import create_model, in_channels_of
 
 MODEL_FORMAT = "tumorseg-model"
 
@@ -46,13 +46,15 @@ def to_cpu_copy(tree):
 
 def in_channels(model: torch.nn.Module) -> int:
     """The channel count a model takes (its first convolution's input channels)."""
-    return int(uncompiled(model).encoder.conv1.in_channels)
+    return in_channels_of(uncompiled(model))
 
 
 def save_model(path: Path, model: torch.nn.Module, cfg: TrainConfig, **extra: Any) -> None:
-    """Weights + config + input channels + metadata, all plain types: loadable with ``weights_only=True``."""
+    """Weights + config (arch and encoder included) + input channels + metadata, all plain types:
+    loadable with ``weights_only=True``; ``load_model`` rebuilds the architecture from them."""
     state = {k: v.detach().cpu() for k, v in plain_state_dict(model).items()}
-    payload = {"format": MODEL_FORMAT, "version": 1, "config": cfg.to_dict(), "in_channels": in_channels(model), "model": state}
+    payload = {"format": MODEL_FORMAT, "version": 1, "config": cfg.to_dict(), "arch": cfg.arch, "encoder": cfg.encoder,
+               "in_channels": in_channels(model), "model": state}
     torch.save({**payload, **extra}, path)
 
 
@@ -67,7 +69,8 @@ def load_model(path: Path) -> tuple[torch.nn.Module, TrainConfig, dict]:
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise UserError(f"{path}: not a tumorseg model file (no '{MODEL_FORMAT}' marker)")
     cfg = TrainConfig.from_dict(payload["config"])
-    model = create_model(None, in_channels=int(payload.get("in_channels", 1)))  # files before channels: grey
+    # files from before channels were grey; from before archs, Unet-resnet18 (the config's defaults)
+    model = create_model(None, in_channels=int(payload.get("in_channels", 1)), arch=cfg.arch, encoder=cfg.encoder)
     model.load_state_dict(payload["model"])
     if cfg.channels_last:  # as trained: the memory format changes the float rounding
         model = model.to(memory_format=torch.channels_last)

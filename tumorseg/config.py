@@ -28,7 +28,7 @@ def _field(default, help: str, **metadata: Any):
 @dataclass
 class TrainConfig:
     # --- input ---
-    resize_px: int = _field(256, "training size in px (square; a multiple of 32)", flag="--resize")
+    resize_px: int = _field(256, "training size in px (square; a multiple of the encoder's output stride, 32 for most)", flag="--resize")
     # --- loss: which terms and their weights (only the weights of the chosen loss_type matter) ---
     loss_type: str = _field("dice_bce", "loss terms", flag="--loss", choices=LOSS_TYPES)
     dice_weight: float = _field(0.75, "weight of the Dice term")
@@ -45,11 +45,17 @@ class TrainConfig:
     batch_size: int = _field(16, "training batch size (global, over all processes)")
     epochs: int = _field(20, "training epochs")
     # --- augmentation (train only): flips, small rotation/translation, brightness/contrast jitter ---
+    # aug_strength scales the last three (rotation, translation, jitter); 0 leaves flips only
+    aug_strength: float = _field(1.0, "scales rotation, translation and jitter; 0 = flips only")
     rotate_deg: float = _field(15.0, "largest random rotation in degrees")
     translate_frac: float = _field(0.05, "largest random shift as a fraction of the image size")
     jitter_strength: float = _field(0.2, "brightness/contrast jitter strength")
-    # --- model ---
-    encoder_weights: str = _field("imagenet", "encoder weights: imagenet | none | path to a weights file")
+    # --- model: smp.create_model(arch, encoder_name=encoder); names checked by tumorseg.model.check_model ---
+    arch: str = _field("Unet", "smp architecture: Unet, UnetPlusPlus, FPN, DeepLabV3Plus, Segformer, ...")
+    encoder: str = _field("resnet18", "smp encoder name: resnet18, resnet34, efficientnet-b0, mobilenet_v2, ...")
+    encoder_weights: str = _field(
+        "imagenet", "encoder weights: imagenet (or another name smp lists for the encoder) | none | "
+        "a weights file | a folder of <encoder>.safetensors/.pth files")
     # --- execution ---
     seed: int = _field(0, "random seed (weights, shuffling, augmentation)")
     precision: str = _field("auto", "auto: bf16 autocast where the device supports it, else fp32", choices=PRECISIONS)
@@ -89,6 +95,7 @@ class TrainConfig:
             "rotate_deg": self.rotate_deg,
             "translate_frac": self.translate_frac,
             "jitter_strength": self.jitter_strength,
+            "aug_strength": self.aug_strength,
             "num_workers": self.num_workers,
         }
         for name, value in non_negative.items():
@@ -98,8 +105,8 @@ class TrainConfig:
             raise ConfigError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
         if not 0 < self.threshold < 1:
             raise ConfigError(f"threshold must be in (0, 1), got {self.threshold}")
-        if self.resize_px % 32:
-            raise ConfigError(f"resize_px must be a multiple of 32 (UNet-ResNet18 downsamples 5 times), got {self.resize_px}")
+        # resize_px against the encoder's output stride, and the names: tumorseg.model.check_model
+        # (it needs smp's registries, too heavy for every config)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

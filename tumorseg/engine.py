@@ -283,8 +283,8 @@ def train(
     set_seed(cfg.seed)
     accelerator = make_accelerator(cfg)
     if encoder_state is None and resume_state is None:
-        encoder_state = load_encoder_state(cfg.encoder_weights)
-    model = create_model(encoder_state, in_channels=data["train"].channels)
+        encoder_state = load_encoder_state(cfg.encoder_weights, cfg.encoder)
+    model = create_model(encoder_state, in_channels=data["train"].channels, arch=cfg.arch, encoder=cfg.encoder)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

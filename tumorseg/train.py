@@ -26,11 +26,11 @@ from tumorseg.config import SEED_REPORTED_TEST_METRICS, TrainConfig, field_names
 from tumorseg.data import SPLITS_JSON, DataOptions, DatasetInfo, Split, add_data_arguments
 from tumorseg.engine import TrainResult, evaluate, train
 from tumorseg.metrics import dice_per_image
-from tumorseg.model import load_encoder_state
+from tumorseg.model import check_model, load_encoder_state
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="tumorseg.train", description="Train UNet-ResNet18 once; every default is the seed recipe.")
+    p = ArgumentParser(prog="tumorseg.train", description="Train one model (default UNet-ResNet18) once; every default is the seed recipe.")
     p.add_argument("--data", type=Path, default=None, help="dataset folder, any layout (default: built-in synthetic set)")
     p.add_argument("--out", type=Path, default=Path("results/train"), help="output folder (default: %(default)s)")
     p.add_argument("--cache-dir", type=Path, default=None, help="array cache (default: $TUMORSEG_CACHE_DIR or ~/.cache/tumorseg)")
@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = set(field_names())
-    return TrainConfig.from_dict({k: v for k, v in vars(args).items() if k in names})
+    cfg = TrainConfig.from_dict({k: v for k, v in vars(args).items() if k in names})
+    check_model(cfg.arch, cfg.encoder, cfg.resize_px)
+    return cfg
 
 
 def resolve_data_dir(data: Path | None, synthetic_root: Path | None = None) -> Path:
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
 
         options = DataOptions.from_args(args)
         data_dir = resolve_data_dir(args.data)
-        encoder_state = load_encoder_state(cfg.encoder_weights)  # fail fast, before any decoding
+        encoder_state = load_encoder_state(cfg.encoder_weights, cfg.encoder)  # fail fast, before any decoding
         t0 = time.perf_counter()
         dataset = open_dataset(data_dir, options)
         print(f"data: {dataset.info.describe()}")

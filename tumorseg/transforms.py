@@ -26,26 +26,28 @@ IMAGENET_GRAY_STD = float(np.mean([0.229, 0.224, 0.225]))  # 0.226
 
 
 def train_transform(cfg: TrainConfig, seed: int | None = None):
-    """Flips, small rotation and translation, brightness/contrast jitter (``cfg`` strengths)."""
+    """Flips, small rotation and translation, brightness/contrast jitter (``cfg`` strengths, all
+    three scaled by ``cfg.aug_strength``; strength 0 leaves the flips only)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home at import
     import albumentations as A  # here, not at the top: normalize() is used where it is not installed
     import cv2
 
+    flips = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
+    if cfg.aug_strength == 0:
+        return A.Compose(flips, seed=seed)
+    rotate_deg, shift, jitter = (cfg.aug_strength * v for v in (cfg.rotate_deg, cfg.translate_frac, cfg.jitter_strength))
     return A.Compose(
         [
-            A.HorizontalFlip(p=0.5),
-            A.VerticalFlip(p=0.5),
+            *flips,
             A.Affine(
-                rotate=(-cfg.rotate_deg, cfg.rotate_deg),
-                translate_percent=(-cfg.translate_frac, cfg.translate_frac),
+                rotate=(-rotate_deg, rotate_deg),
+                translate_percent=(-shift, shift),
                 interpolation=cv2.INTER_LINEAR,
                 mask_interpolation=cv2.INTER_NEAREST,
                 border_mode=cv2.BORDER_CONSTANT,
                 p=0.5,
             ),
-            A.RandomBrightnessContrast(
-                brightness_limit=cfg.jitter_strength, contrast_limit=cfg.jitter_strength, p=0.5
-            ),
+            A.RandomBrightnessContrast(brightness_limit=jitter, contrast_limit=jitter, p=0.5),
         ],
         seed=seed,
     )
