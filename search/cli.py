@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tumorseg.cli import ArgumentParser, add_dataclass_arguments, parse_int_list, parse_range
+from tumorseg.cli import ArgumentParser, add_dataclass_arguments, parse_float_list, parse_int_list, parse_range
 from tumorseg.config import TrainConfig, field_names
 from tumorseg.data import DataOptions, add_data_arguments
 from tumorseg.errors import ConfigError
 
 from search.rundir import SweepSettings
-from search.space import PARAM_NAMES, SearchSpace, define_by_run, fit_to_budget, read_space_file
+from search.space import OPTIONAL_NAMES, PARAM_NAMES, PARAMS, SearchSpace, define_by_run, fit_to_budget, read_space_file
 
 # TrainConfig fields with a sweep-specific meaning, defined by hand below
 SWEEP_OWNED_FIELDS = ("epochs", "seed", "num_workers")
@@ -33,6 +33,7 @@ RESUMABLE_FLAGS = {"name", "storage", "resume", "address", *RESUMED_SETTINGS}
 # tumorseg.data.add_data_arguments' flags (their values live in SweepSettings.data_options)
 DATA_FLAGS = {"layout", "labels", "split", "split_seed", "group_by", "splits", "allow_unlabelled"}
 SPACE_FLAG_TYPES = {"int_list": parse_int_list, "str_list": lambda v: [x for x in v.split(",") if x],
+                    "float_list": parse_float_list,
                     "range": parse_range, "int_range": parse_range}
 
 
@@ -77,7 +78,10 @@ def build_parser() -> ArgumentParser:
         sp.add_argument(f.metadata["flag"], dest=f.name, type=SPACE_FLAG_TYPES[f.metadata["kind"]], default=None,
                         help=f"{f.metadata['help']} (default {shown})")
     f = p.add_argument_group("fixed training settings (all trials; see tumorseg/config.py)")
-    add_dataclass_arguments(f, TrainConfig, exclude=(*PARAM_NAMES, *SWEEP_OWNED_FIELDS))
+    always_searched = [name for name in PARAM_NAMES if name not in OPTIONAL_NAMES]
+    # --arch/--encoder/--batch-size/--aug-strength fix an optional dimension (= --archs X etc.)
+    add_dataclass_arguments(f, TrainConfig, exclude=(*always_searched, *SWEEP_OWNED_FIELDS),
+                            defaults=dict.fromkeys(OPTIONAL_NAMES))
     f.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per trial (default: trial CPUs - 1)")
     f.add_argument("--fixed", action="append", default=[], metavar="NAME=VALUE", help="set any TrainConfig field for all trials")
     return p
@@ -133,6 +137,12 @@ def space_from_args(args) -> tuple[SearchSpace, bool]:
     """The search space from ``--space`` and the range flags; and whether the warmup range was given."""
     values = read_space_file(args.space) if args.space else {}
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(SearchSpace) if getattr(args, f.name) is not None}
+    for p in PARAMS:  # --batch-size 8 is --batch-sizes 8: one value, fixed
+        if p.optional and getattr(args, p.name) is not None:
+            one, many = "--" + p.name.replace("_", "-"), {f.name: f.metadata["flag"] for f in dataclasses.fields(SearchSpace)}[p.range_field]
+            if p.range_field in flags:
+                raise ConfigError(f"{one} fixes what {many} searches: give one of them")
+            flags[p.range_field] = [getattr(args, p.name)]
     explicit_warmup = "warmup_epochs_range" in values or "warmup_epochs_range" in flags
     try:
         space = SearchSpace.from_dict(values, source=str(args.space)) if values else SearchSpace()
@@ -279,8 +289,24 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict, list[str
         reuse_actors=args.reuse_actors,
         no_retrain=args.no_retrain,
     )
-    base = base_config(args)
-    if gpus_per_trial > 1 and base["batch_size"] % int(gpus_per_trial):
-        raise ConfigError(f"--batch-size {base['batch_size']} must be a multiple of --gpus-per-trial {gpus_per_trial:g} "
-                          "(each data-parallel worker gets an equal slice of the global batch)")
+    check_models(space)
+    base = {**base_config(args), **space.fixed_params()}
+    TrainConfig.from_dict(base)
+    for batch in space.batch_sizes:
+        if gpus_per_trial > 1 and batch % int(gpus_per_trial):
+            raise ConfigError(f"--batch-size {batch} must be a multiple of --gpus-per-trial {gpus_per_trial:g} "
+                              "(each data-parallel worker gets an equal slice of the global batch)")
     return settings, space, base, notes
+
+
+def check_models(space: SearchSpace) -> None:
+    """Every arch and encoder name known to smp, every pair buildable, every size a multiple of its stride."""
+    from tumorseg.model import check_arch, check_encoder, check_model
+
+    for arch in space.archs:
+        check_arch(arch, "--archs" if len(space.archs) > 1 else "--arch")
+    for encoder in space.encoders:
+        check_encoder(encoder, "--encoders" if len(space.encoders) > 1 else "--encoder")
+    for arch in space.archs:
+        for encoder in space.encoders:
+            check_model(arch, encoder, space.resize_choices, flag="--resize-choices")

@@ -11,7 +11,7 @@ from search.space import SearchSpace, seed_point
 
 
 def run_debug(settings: SweepSettings, space: SearchSpace, base: dict, explicit_epochs: bool) -> None:
-    from tumorseg.model import load_encoder_state
+    from tumorseg.model import load_encoder_states
 
     from search.trainable import load_search_data, run_trial
 
@@ -23,7 +23,8 @@ def run_debug(settings: SweepSettings, space: SearchSpace, base: dict, explicit_
         params["warmup_epochs"] = base["epochs"] - 1
         print(f"note: warmup_epochs {params['warmup_epochs']} so the {base['epochs']}-epoch debug run reaches its lr")
     print(f"debug: one trial in-process, no Ray: {params} for {base['epochs']} epoch(s)")
-    encoder_state = load_encoder_state(base["encoder_weights"])
+    cfg = {**base, **params}
+    encoder_states = load_encoder_states(base["encoder_weights"], [cfg["encoder"]])
     dataset = settings.open_dataset(write_splits=False)  # debug mode leaves no run folder behind
     print(f"data: {dataset.info.describe()}")
     data = load_search_data(dataset, [params["resize_px"]], settings.cache_dir)
@@ -33,5 +34,5 @@ def run_debug(settings: SweepSettings, space: SearchSpace, base: dict, explicit_
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k in keys}
         print("report:", shown)
 
-    run_trial(params, base=base, data=data, report=report, encoder_state=encoder_state, extra={"trial_index": 0},
+    run_trial(params, base=base, data=data, report=report, encoder_states=encoder_states, extra={"trial_index": 0},
               log=print, progress=True)

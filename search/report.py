@@ -26,7 +26,7 @@ from tumorseg.errors import UserError
 
 from search.rundir import BEST_CONFIG_JSON, DATA_SUMMARY_TXT, FINAL_DIR, REPORT_HTML, TUNE_DIR, read_sweep_json
 from search.space import SearchSpace, applicable_params, distributions
-from search.trials import read_table, scored_trials
+from search.trials import model_label, pareto_front, read_table, scored_trials
 
 MIN_TRIALS_FOR_IMPORTANCE = 10  # below this the importances are shown with a warning
 STATUS_COLOURS = {
@@ -126,6 +126,37 @@ def importance_figure(values: dict[str, dict[str, float]]):
         fig.add_bar(name=name, y=params, x=[scores[p] for p in params], orientation="h")
     fig.update_layout(barmode="group", title="Parameter importance for validation Dice", xaxis_title="importance (normalised)", height=380)
     return fig
+
+
+def cost_section_html(table: pd.DataFrame | None, base: dict) -> str:
+    """Dice against cost: each scored trial's best val Dice over its GFLOPs per image (marker size:
+    parameters), coloured by arch-encoder, with the Pareto front; is a bigger model worth it?"""
+    import plotly.graph_objects as go
+
+    scored = scored_trials(table)
+    if scored.empty or "gflops" not in scored or scored["gflops"].isna().all():
+        return "<p class='warn'>No trial has recorded its cost yet (params, GFLOPs, images/s).</p>"
+    scored = scored.assign(model=[model_label(row, base) for row in scored.to_dict("records")])
+    fig = go.Figure()
+    for label, group in scored.groupby("model", sort=True):
+        fig.add_scatter(
+            x=group["gflops"], y=group["best_val_dice"], mode="markers", name=label,
+            marker=dict(size=[8 + 2 * math.sqrt(max(v, 0)) for v in group["params_m"].fillna(0)], opacity=0.8),
+            customdata=group[["trial_index", "params_m", "train_images_per_s"]].to_numpy(),
+            hovertemplate=("trial %{customdata[0]}<br>%{x:.2f} GFLOPs, %{customdata[1]:.1f} M params<br>"
+                           "%{customdata[2]:.0f} train images/s<br>best val Dice %{y:.4f}<extra>" + html.escape(label) + "</extra>"),
+        )
+    front = pareto_front(scored)
+    fig.add_scatter(x=front["gflops"], y=front["best_val_dice"], mode="lines", line=dict(color="#444", dash="dot", shape="hv"),
+                    name="Pareto front", hoverinfo="skip")
+    fig.update_layout(title="Validation Dice against cost (marker size: parameters)", xaxis_title="GFLOPs per image at the trial's resize",
+                      yaxis_title="best val Dice", height=420)
+    rows = "".join(f"<tr><td>{int(r.trial_index)}</td><td>{html.escape(r.model)}</td><td>{r.best_val_dice:.4f}</td><td>{r.gflops:.2f}</td>"
+                   f"<td>{r.params_m:.1f}</td><td>{_fmt(r.train_images_per_s, 0)}</td></tr>"
+                   for r in front.assign(model=[model_label(x, base) for x in front.to_dict("records")]).itertuples())
+    return (_fig_html(fig) + "<p>Pareto front: no other trial has both a higher Dice and fewer GFLOPs. Images/s depend on "
+            "the node a trial ran on; GFLOPs and parameters do not.</p><table class='kv'><tr><th>trial</th><th>model</th>"
+            f"<th>best val Dice</th><th>GFLOPs</th><th>M params</th><th>train images/s</th></tr>{rows}</table>")
 
 
 def learning_curves_figure(curves: dict[str, pd.DataFrame], table: pd.DataFrame, max_epochs: int):
@@ -370,6 +401,8 @@ def build_report(run_dir: Path) -> Path:
         sections.append(_fig_html(learning_curves_figure(curves, table, max_epochs)))
     else:
         sections.append("<p class='warn'>No trial has reported an epoch yet.</p>")
+
+    sections.append("<h3>Dice against cost</h3>" + cost_section_html(table, sweep.get("base_config", {})))
 
     # 5: resource timeline
     sections.append("<h2>5. Resource timeline</h2>")

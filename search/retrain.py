@@ -58,7 +58,7 @@ def retrain(run_dir: Path, seeds: int | None = None, log=print) -> dict:
         log("retrain: no successful trial, so only the seed recipe is retrained")
     final = run_dir / FINAL_DIR
     final.mkdir(exist_ok=True)
-    dataset, encoder_state, data_by_size = None, None, {}
+    dataset, encoder_states, data_by_size = None, {}, {}
     for recipe, params in todo.items():
         for k in range(seeds):
             out = final / recipe / f"seed{k}"
@@ -68,13 +68,14 @@ def retrain(run_dir: Path, seeds: int | None = None, log=print) -> dict:
             if dataset is None:
                 dataset = settings.open_dataset()  # the sweep's splits.json, when it carved
                 log(f"retrain: data {dataset.info.describe()}")
-                encoder_state = load_encoder_state(base["encoder_weights"])
             cfg = TrainConfig.from_dict({**base, **params, "seed": base["seed"] + k, "epochs": settings.epochs})
+            if cfg.encoder not in encoder_states:
+                encoder_states[cfg.encoder] = load_encoder_state(base["encoder_weights"], cfg.encoder)
             if cfg.resize_px not in data_by_size:
                 data_by_size[cfg.resize_px] = load_dataset(dataset, cfg.resize_px, cache_dir=settings.cache_dir)
             data = data_by_size[cfg.resize_px]
             log(f"retrain: {recipe} seed {k}: {params}, {cfg.epochs} epochs")
-            result = train(cfg, data, encoder_state=encoder_state, log=log)
+            result = train(cfg, data, encoder_state=encoder_states[cfg.encoder], log=log)
             tmp = out.with_name(out.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
             _, counts = write_run_outputs(tmp, result, cfg, data["test"], dataset.info)

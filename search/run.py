@@ -1,4 +1,4 @@
-"""The sweep: Ray Tune + Optuna (TPE) + ASHA over UNet-ResNet18 trainings, then retrain and test.
+"""The sweep: Ray Tune + Optuna (TPE) + ASHA over smp model trainings (UNet-ResNet18 unless --archs/--encoders), then retrain and test.
 
     python -m search.run --gpus 4                      # a local Ray cluster on this box
     python -m search.run --address auto --gpus 16      # an existing Ray cluster
@@ -100,11 +100,12 @@ def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: li
     Returns True when every trial finished.
     """
     cluster.use_auth_token(settings)  # before Ray is imported
-    from tumorseg.model import load_encoder_state
+    from tumorseg.model import load_encoder_states
 
     from search.trainable import load_search_data
 
-    encoder_state = load_encoder_state(base["encoder_weights"])  # once, shipped to every trial
+    # once, for every encoder of the space, shipped to every trial
+    encoder_states = load_encoder_states(base["encoder_weights"], space.encoders)
     t0 = time.perf_counter()
     if not restore:  # left by an attempt that failed before it claimed the name: not this sweep's
         for stale in (rundir.SPLITS_JSON, rundir.DATA_SUMMARY_TXT):
@@ -124,7 +125,7 @@ def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: li
 
             rundir.write_sweep_json(settings.run_dir, settings, space, base, notes=notes,
                                     sampler=sampler_settings(settings), argv=argv)
-        return fit(settings, space, base, data, encoder_state, slots, restore)
+        return fit(settings, space, base, data, encoder_states, slots, restore)
     finally:
         # The retrain runs in this process: free the idle trial processes (reused actors) and their
         # memory now, so they neither compete with it nor log their shutdown into its output.
@@ -151,12 +152,12 @@ def place_trials(settings: SweepSettings, base: dict) -> int:
     return slots
 
 
-def fit(settings: SweepSettings, space: SearchSpace, base: dict, data, encoder_state, slots: int, restore: bool) -> bool:
+def fit(settings: SweepSettings, space: SearchSpace, base: dict, data, encoder_states, slots: int, restore: bool) -> bool:
     from search.callbacks import TrialsTableCallback
     from search.trials import FINISHED, read_table
     from search.tuner import make_trainable, make_tuner, restore_tuner
 
-    trainable = make_trainable(settings, base, data, encoder_state)
+    trainable = make_trainable(settings, base, data, encoder_states)
     if restore:
         tuner = restore_tuner(settings, trainable)
     else:

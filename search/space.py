@@ -19,7 +19,17 @@ parameter           range (default)                               sampled when
 ``lr``              ``lr_range`` (1e-5-3e-3), log                  always
 ``warmup_epochs``   ``warmup_epochs_range`` (0-5), integer         always
 ``weight_decay``    ``weight_decay_range`` (1e-5-0.1), log         always
+``arch``            ``archs`` (Unet)                               more than one given
+``encoder``         ``encoders`` (resnet18)                        more than one given
+``batch_size``      ``batch_sizes`` (16)                           more than one given
+``aug_strength``    ``aug_strengths`` (1.0)                        more than one given
 ==================  ============================================  =========================
+
+The last four are *optional dimensions*: with one choice (their default) they are not searched
+but fixed (``fixed_params``: they join the base config of every trial), so a sweep that does not
+ask for them samples, records (``trials.csv``) and ranks (importances) exactly what it did before
+they existed. ``--batch-sizes`` leaves the learning rate to the search: ``lr`` is sampled jointly
+with the batch size (no scaling rule), and TPE learns which pairs work.
 
 The seed recipe is the first point evaluated, so a sweep can only improve on it. Ranges are
 overridden by flags or a JSON/YAML file whose keys are the ``SearchSpace`` field names; an unknown
@@ -50,6 +60,11 @@ class Param:
     kind: str  # "categorical" | "float" | "int"
     log: bool = False
     loss_types: tuple[str, ...] | None = None  # sampled only for these loss types (None: always)
+    optional: bool = False  # searched only when its choices hold more than one value (else fixed)
+
+    def searched(self, space: "SearchSpace") -> bool:
+        """Whether ``space`` searches this parameter (an optional one with one choice is fixed)."""
+        return not self.optional or len(getattr(space, self.range_field)) > 1
 
     def applies(self, params: dict[str, Any]) -> bool:
         """Whether this parameter is sampled given the (earlier) parameters of the same point."""
@@ -67,8 +82,14 @@ PARAMS = (
     Param("lr", "lr_range", "float", log=True),
     Param("warmup_epochs", "warmup_epochs_range", "int"),
     Param("weight_decay", "weight_decay_range", "float", log=True),
+    Param("arch", "archs", "categorical", optional=True),
+    Param("encoder", "encoders", "categorical", optional=True),
+    Param("batch_size", "batch_sizes", "categorical", optional=True),
+    Param("aug_strength", "aug_strengths", "categorical", optional=True),
 )
 PARAM_NAMES = tuple(p.name for p in PARAMS)
+OPTIONAL_NAMES = tuple(p.name for p in PARAMS if p.optional)
+OPTIONAL_RANGE_FIELDS = tuple(p.range_field for p in PARAMS if p.optional)
 # Which conditional parameters each loss type samples (derived; for tables and docs).
 LOSS_PARAMS = {t: tuple(p.name for p in PARAMS if p.loss_types and t in p.loss_types) for t in LOSS_TYPES}
 _CONFIG_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
@@ -96,10 +117,32 @@ class SearchSpace:
     lr_range: tuple[float, float] = _range((1e-5, 3e-3), "--lr-range", "learning rate LOW,HIGH (log scale)")
     warmup_epochs_range: tuple[int, int] = _range((0, 5), "--warmup-epochs-range", "warmup epochs LOW,HIGH", integer=True)
     weight_decay_range: tuple[float, float] = _range((1e-5, 1e-1), "--weight-decay-range", "AdamW weight decay LOW,HIGH (log scale)")
+    # optional dimensions: one choice = fixed (not searched); the seed recipe's values by default
+    archs: list[str] = field(
+        default_factory=lambda: [SEED_RECIPE.arch],
+        metadata={"flag": "--archs", "help": "smp architectures, e.g. Unet,FPN,DeepLabV3Plus", "kind": "str_list"},
+    )
+    encoders: list[str] = field(
+        default_factory=lambda: [SEED_RECIPE.encoder],
+        metadata={"flag": "--encoders", "help": "smp encoders, e.g. resnet18,resnet34,efficientnet-b0", "kind": "str_list"},
+    )
+    batch_sizes: list[int] = field(
+        default_factory=lambda: [SEED_RECIPE.batch_size],
+        metadata={"flag": "--batch-sizes", "help": "training batch sizes, e.g. 8,16,32 (lr stays searched: no scaling rule)",
+                  "kind": "int_list"},
+    )
+    aug_strengths: list[float] = field(
+        default_factory=lambda: [SEED_RECIPE.aug_strength],
+        metadata={"flag": "--aug-strengths", "help": "augmentation strengths, e.g. 0,0.5,1,2 (0 = flips only)",
+                  "kind": "float_list"},
+    )
 
     def __post_init__(self) -> None:
         self.resize_choices = [int(v) for v in self.resize_choices]
         self.loss_types = list(self.loss_types)
+        self.archs, self.encoders = [str(v) for v in self.archs], [str(v) for v in self.encoders]
+        self.batch_sizes = [int(v) for v in self.batch_sizes]
+        self.aug_strengths = [float(v) for v in self.aug_strengths]
         for name in _range_fields():
             setattr(self, name, tuple(getattr(self, name)))
         if len(self.warmup_epochs_range) == 2:
@@ -110,8 +153,16 @@ class SearchSpace:
         if not self.resize_choices:
             raise ConfigError("resize_choices: give at least one size")
         for size in self.resize_choices:
-            if size <= 0 or size % 32:
-                raise ConfigError(f"resize_choices: {size} is not a positive multiple of 32")
+            if size <= 0:  # multiples of each encoder's stride: search.cli checks (needs smp)
+                raise ConfigError(f"resize_choices: {size} is not a positive size")
+        for name in OPTIONAL_RANGE_FIELDS:
+            values = getattr(self, name)
+            if not values or len(set(values)) != len(values):
+                raise ConfigError(f"{name}: give one or more distinct values, got {values or 'none'}")
+        if min(self.batch_sizes) <= 0:
+            raise ConfigError(f"batch_sizes: values must be > 0, got {min(self.batch_sizes)}")
+        if min(self.aug_strengths) < 0:
+            raise ConfigError(f"aug_strengths: values must be >= 0, got {min(self.aug_strengths)}")
         unknown = [t for t in self.loss_types if t not in LOSS_TYPES]
         if unknown or not self.loss_types:
             raise ConfigError(f"loss_types: {unknown or 'empty'}; choose from {', '.join(LOSS_TYPES)}")
@@ -145,6 +196,14 @@ class SearchSpace:
 
     def replace(self, **changes: Any) -> "SearchSpace":
         return SearchSpace.from_dict({**self.to_dict(), **changes})
+
+
+    def fixed_params(self) -> dict[str, Any]:
+        """The optional parameters this space does not search, at their one value (for the base config)."""
+        return {p.name: getattr(self, p.range_field)[0] for p in PARAMS if not p.searched(self)}
+
+    def searched_params(self) -> list[Param]:
+        return [p for p in PARAMS if p.searched(self)]
 
 
 def _range_fields() -> list[str]:
@@ -188,8 +247,8 @@ def distribution(param: Param, space: SearchSpace):
 
 
 def all_distributions(space: SearchSpace) -> dict:
-    """Every parameter's Optuna distribution, in sampling order."""
-    return {p.name: distribution(p, space) for p in PARAMS}
+    """Every searched parameter's Optuna distribution, in sampling order."""
+    return {p.name: distribution(p, space) for p in space.searched_params()}
 
 
 def distributions(space: SearchSpace, params: dict[str, Any]) -> dict:
@@ -210,7 +269,7 @@ def _suggest_from(trial, name: str, dist):
 def suggest(space: SearchSpace, trial) -> None:
     """Sample one point of ``space`` on an Optuna trial, conditional parameters included."""
     params: dict[str, Any] = {}
-    for p in PARAMS:
+    for p in space.searched_params():
         if p.applies(params):
             params[p.name] = _suggest_from(trial, p.name, distribution(p, space))
 
@@ -246,7 +305,8 @@ def _fit(param: Param, value, space: SearchSpace, notes: list[str]):
     if param.kind == "categorical":
         if value in allowed:
             return value
-        fitted = nearest_resize(space, value) if param.name == "resize_px" else allowed[0]
+        numeric = all(isinstance(v, (int, float)) for v in [value, *allowed])
+        fitted = min(allowed, key=lambda v: (abs(v - value), v)) if numeric else allowed[0]
         notes.append(f"seed recipe {param.name} {value} is not among {allowed}: using {fitted}")
         return fitted
     low, high = allowed
@@ -265,7 +325,7 @@ def seed_point(space: SearchSpace) -> tuple[dict[str, Any], list[str]]:
     """
     notes: list[str] = []
     point: dict[str, Any] = {}
-    for p in PARAMS:
+    for p in space.searched_params():
         if p.applies(point):
             point[p.name] = _fit(p, getattr(SEED_RECIPE, p.name), space, notes)
     return point, notes

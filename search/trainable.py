@@ -63,16 +63,24 @@ def run_trial(
     data: dict[int, dict[str, Split]],
     report: Report,
     restore_state: dict | None = None,
-    encoder_state: dict | None = None,
+    encoder_states: dict[str, dict] | None = None,
     extra: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
     progress: bool = False,
 ) -> None:
-    """Train ``base`` + ``params`` and report each epoch; ``extra`` is added to every report."""
+    """Train ``base`` + ``params`` and report each epoch; ``extra`` is added to every report.
+
+    ``encoder_states``: ``{encoder: tensors}`` the driver resolved for every encoder of the space
+    (``tumorseg.model.load_encoder_states``); the trial takes its encoder's. Every report carries
+    the model's cost (``params_m``, ``gflops`` per image at the trial's resize).
+    """
     from tumorseg.engine import NonFiniteLossError, TrainingOOMError, train
+    from tumorseg.model import cost, create_model
 
     cfg = TrainConfig.from_dict({**base, **params})
-    extra = dict(extra or {})
+    split = data[cfg.resize_px]["train"]
+    extra = {**cost(create_model(None, split.channels, cfg.arch, cfg.encoder), cfg.resize_px), **(extra or {})}
+    encoder_state = (encoder_states or {}).get(cfg.encoder)
     last_epoch = restore_state["epoch"] if restore_state else 0
     if restore_state:
         extra["resumed_from_epoch"] = last_epoch
@@ -130,7 +138,7 @@ def checkpointing_report(report_fn, checkpoint_cls, may_checkpoint: bool = True)
     return report
 
 
-def tune_trainable(params: dict, *, base: dict, data_ref, encoder_state=None, threads: float = 1,
+def tune_trainable(params: dict, *, base: dict, data_ref, encoder_states=None, threads: float = 1,
                    workers: int = 1, storage: str | None = None) -> None:
     """The function Ray Tune runs per trial (bound with ``tune.with_parameters``).
 
@@ -148,12 +156,12 @@ def tune_trainable(params: dict, *, base: dict, data_ref, encoder_state=None, th
     if workers > 1:
         trial_dir = dir_for(context.get_trial_name(), context.get_trial_id())
         train_storage = os.path.join(storage, trial_dir) if storage else context.get_trial_dir()
-        _run_train_workers(params, base, data_ref, encoder_state, threads, workers, extra, train_storage)
+        _run_train_workers(params, base, data_ref, encoder_states, threads, workers, extra, train_storage)
         return
     _set_threads(threads)
     extra.update(_placement())
     run_trial(params, base=base, data=ray.get(data_ref["ref"]), report=checkpointing_report(tune.report, tune.Checkpoint),
-              restore_state=restored_state(tune.get_checkpoint()), encoder_state=encoder_state, extra=extra)
+              restore_state=restored_state(tune.get_checkpoint()), encoder_states=encoder_states, extra=extra)
 
 
 def _set_threads(threads: float) -> None:
@@ -172,7 +180,7 @@ def _placement() -> dict:
     }
 
 
-def _run_train_workers(params, base, data_ref, encoder_state, threads, workers, extra, storage) -> None:
+def _run_train_workers(params, base, data_ref, encoder_states, threads, workers, extra, storage) -> None:
     """Data-parallel trial: a ``TorchTrainer`` over ``workers`` GPU workers, reports relayed to Tune.
 
     Its checkpoints go to ``<trial folder in the sweep's storage>/train/`` (shared storage, not the
@@ -187,7 +195,7 @@ def _run_train_workers(params, base, data_ref, encoder_state, threads, workers, 
     worker_cpus = (threads - COORDINATOR_CPUS) / workers
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"params": params, "base": base, "data_ref": data_ref, "encoder_state": encoder_state,
+        train_loop_config={"params": params, "base": base, "data_ref": data_ref, "encoder_states": encoder_states,
                            "threads": worker_cpus, "extra": extra},
         # one GPU per worker; the process group's backend is chosen on the workers, from their device
         torch_config=device_torch_config(),
@@ -222,7 +230,7 @@ def train_worker(config: dict) -> None:
     # every rank reports (a collective); rank 0 alone builds and hands over the checkpoint
     report = checkpointing_report(train.report, train.Checkpoint, may_checkpoint=context.get_world_rank() == 0)
     run_trial(config["params"], base=config["base"], data=ray.get(config["data_ref"]["ref"]), report=report,
-              restore_state=restored_state(train.get_checkpoint()), encoder_state=config["encoder_state"], extra=extra)
+              restore_state=restored_state(train.get_checkpoint()), encoder_states=config["encoder_states"], extra=extra)
 
 
 # ----------------------------------------------------------------------------- process-group backend

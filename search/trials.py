@@ -18,12 +18,16 @@ import pandas as pd
 from tumorseg.config import TrainConfig
 
 from search.rundir import BEST_CONFIG_JSON, TRIALS_CSV, trial_index, write_json
-from search.space import PARAM_NAMES, applicable_params
+from search.space import OPTIONAL_NAMES, PARAM_NAMES, applicable_params
 
 PARAM_COLUMNS = list(PARAM_NAMES)
+# what a trial costs: parameters (millions), GFLOPs of one image's forward pass at its resize, and
+# its last epoch's training throughput (images/s; depends on the hardware it ran on)
+COST_COLUMNS = ["params_m", "gflops", "train_images_per_s"]
 COLUMNS = [
     "trial_index", "trial_id", *PARAM_COLUMNS, "best_val_dice", "last_val_dice", "epochs_run", "status",
     "failure_reason", "num_failures", "node_id", "gpu_ids", "start_ts", "end_ts", "wall_time_s", "trial_dir",
+    *COST_COLUMNS,
 ]
 FINISHED = {"COMPLETED", "STOPPED_EARLY", "FAILED", "ERROR"}
 
@@ -71,11 +75,14 @@ def trial_row(trial, max_epochs: int, first_start: float | None) -> dict:
         "end_ts": end,
         "wall_time_s": (end - start) if start and end else result.get("time_total_s"),
         "trial_dir": os.path.basename(str(getattr(trial, "path", "") or "")),
+        **{name: result.get(name) for name in COST_COLUMNS},
     }
 
 
 def write_table(rows: list[dict], path: Path) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=COLUMNS).sort_values("trial_index", kind="stable").reset_index(drop=True)
+    # an optional dimension the sweep does not search has no column (its value is in the base config)
+    table = table.drop(columns=[n for n in OPTIONAL_NAMES if table[n].isna().all()])
     tmp = Path(path).with_suffix(".csv.tmp")
     table.to_csv(tmp, index=False)
     os.replace(tmp, path)  # readers never see a half-written table
@@ -122,3 +129,24 @@ def write_best_config(run_dir: Path, base: dict) -> dict | None:
     }
     write_json(Path(run_dir) / BEST_CONFIG_JSON, best)
     return best
+
+
+def model_label(row, base: dict | None = None) -> str:
+    """``arch-encoder`` of a trial (from its row when searched, else from the base config)."""
+    base = base or {}
+    get = lambda name, default: row.get(name) if isinstance(row.get(name), str) else base.get(name, default)  # noqa: E731
+    return f"{get('arch', 'Unet')}-{get('encoder', 'resnet18')}"
+
+
+def pareto_front(table: pd.DataFrame | None, cost: str = "gflops") -> pd.DataFrame:
+    """The scored trials no other beats on both best val Dice (higher) and ``cost`` (lower), by cost."""
+    usable = scored_trials(table)
+    if usable.empty or cost not in usable or usable[cost].isna().all():
+        return usable.iloc[0:0]
+    usable = usable[usable[cost].notna()].sort_values([cost, "best_val_dice"], ascending=[True, False], kind="stable")
+    keep, best = [], -1.0
+    for index, dice in usable["best_val_dice"].items():
+        if dice > best:  # better than everything cheaper
+            keep.append(index)
+            best = dice
+    return usable.loc[keep]

@@ -54,7 +54,7 @@ def make_scheduler(settings: SweepSettings):
                          grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
 
 
-def make_trainable(settings: SweepSettings, base: dict, data, encoder_state):
+def make_trainable(settings: SweepSettings, base: dict, data, encoder_states):
     """The trainable with its shared inputs bound (data through the object store, once) and its resources."""
     import ray
     from ray import tune
@@ -65,7 +65,7 @@ def make_trainable(settings: SweepSettings, base: dict, data, encoder_state):
     # data-parallel trials: the Tune trial only waits on its TorchTrainer, whose workers hold the
     # GPUs and CPUs; Ray needs a non-empty request, so the coordinator takes a token share of CPU
     resources = {"cpu": COORDINATOR_CPUS} if workers > 1 else {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
-    bound = tune.with_parameters(tune_trainable, base=base, data_ref={"ref": ray.put(data)}, encoder_state=encoder_state,
+    bound = tune.with_parameters(tune_trainable, base=base, data_ref={"ref": ray.put(data)}, encoder_states=encoder_states,
                                  threads=settings.cpus_per_trial, workers=workers, storage=settings.tune_path)
     return tune.with_resources(bound, resources)
 

@@ -59,7 +59,9 @@ def test_registry_defines_each_parameter_once():
     from search.space import PARAMS, all_distributions, applicable_params
     from tumorseg.config import TrainConfig
 
-    assert [p.name for p in PARAMS] == list(all_distributions(SearchSpace()))
+    assert [p.name for p in PARAMS if not p.optional] == list(all_distributions(SearchSpace()))  # one choice: fixed
+    everything = SearchSpace(archs=["Unet", "FPN"], encoders=["resnet18", "mobilenet_v2"], batch_sizes=[8, 16], aug_strengths=[0, 1])
+    assert [p.name for p in PARAMS] == list(all_distributions(everything))
     assert {p.name for p in PARAMS} <= set(TrainConfig().to_dict())
     # a CSV row: floats for ints, values of other loss types present; typed and filtered like a sampled point
     row = {"resize_px": 128.0, "loss_type": "dice_focal", "dice_weight": 1.0, "bce_weight": 0.5, "focal_weight": 2.0,
@@ -145,7 +147,15 @@ def test_report_and_retrain_import_without_ray():
         (["--gpus", "2", "--gpus-per-trial", "3"], "--gpus-per-trial 3 is more than --gpus 2"),
         (["--epochs", "1", "--grace-period", "2"], "--epochs 1 is smaller than the ASHA --grace-period 2"),
         (["--lr-range", "1e-2,1e-4"], "--lr-range: low 0.01 > high 0.0001"),
-        (["--resize-choices", "100"], "--resize-choices: 100 is not a positive multiple of 32"),
+        (["--resize-choices", "100"], "--resize-choices 100: Unet-resnet18 downsamples by 32; use a multiple of 32"),
+        (["--archs", "PSPNet,DeepLabV3Plus", "--resize-choices", "40"], "--resize-choices 40: DeepLabV3Plus-resnet18 downsamples by 16"),
+        (["--archs", "Unet,FPNet"], "--archs: unknown smp architecture 'FPNet'; did you mean FPN"),
+        (["--encoders", "resnet18,mobilenetv2"], "--encoders: unknown smp encoder 'mobilenetv2'; did you mean mobilenet_v2"),
+        (["--encoder", "resnet-18"], "--encoder: unknown smp encoder 'resnet-18'; did you mean resnet18"),
+        (["--archs", "Unet,DPT"], "--arch DPT --encoder resnet18: smp cannot build this pair"),
+        (["--batch-size", "8", "--batch-sizes", "8,16"], "--batch-size fixes what --batch-sizes searches: give one of them"),
+        (["--aug-strengths", "1,-1"], "--aug-strengths: values must be >= 0, got -1"),
+        (["--fixed", "arch=FPN"], "--fixed arch: searched parameter"),
         (["--fixed", "batch_szie=4"], "--fixed 'batch_szie=4': expected NAME=VALUE"),
         (["--fixed", "lr=0.1"], "--fixed lr: searched parameter"),
         (["--gpus", "abc"], "argument --gpus: invalid float value"),
@@ -336,6 +346,8 @@ def test_trials_use_the_drivers_encoder_weights_and_never_fetch(paths, tmp_path,
     params = {"resize_px": 64, "loss_type": "dice", "lr": 1e-3, "warmup_epochs": 0, "weight_decay": 0.01}
     run_trial(params, base={"epochs": 1, "encoder_weights": "imagenet", "num_workers": 0, "batch_size": 8},
               data=load_search_data(paths["data"], [64]), report=lambda m, c: reports.append((m, c())),
-              encoder_state=donor)
+              encoder_states={"resnet18": donor})
     (metrics, state), = reports  # resolving "imagenet" here would have raised: offline, empty cache
     assert metrics["epoch"] == 1 and "failure_reason" not in metrics and state["epoch"] == 1
+    # its cost: 14.32 M parameters; GFLOPs per 64 px image (a sixteenth of those at 256 px)
+    assert metrics["params_m"] == pytest.approx(14.321937) and 0.5 < metrics["gflops"] < 0.8 and metrics["train_images_per_s"] > 0

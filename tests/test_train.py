@@ -100,8 +100,11 @@ def test_config_rejects_unknown_and_invalid_fields():
         TrainConfig.from_dict({"dice_wieght": 1.0})
     with pytest.raises(ConfigError, match="loss_type must be one of"):
         TrainConfig(loss_type="focal")
-    with pytest.raises(ConfigError, match="resize_px must be a multiple of 32"):
-        TrainConfig(resize_px=100)
+    from tumorseg.model import check_model
+
+    with pytest.raises(ConfigError, match="--resize 100: Unet-resnet18 downsamples by 32; use a multiple of 32 .e.g. 96 or 128"):
+        check_model("Unet", "resnet18", 100)
+    assert check_model("DeepLabV3Plus", "resnet18", 48) == 16 and check_model("PSPNet", "resnet18", 40) == 8
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -166,7 +169,12 @@ def test_load_model_refuses_foreign_files(tmp_path):
     [
         (["--data", "/nonexistent/ds"], "data folder not found: /nonexistent/ds"),
         (["--epochs", "0"], "epochs must be > 0"),
-        (["--resize", "100"], "resize_px must be a multiple of 32"),
+        (["--resize", "100"], "--resize 100: Unet-resnet18 downsamples by 32; use a multiple of 32 (e.g. 96 or 128)"),
+        (["--arch", "DeepLabV3Plus", "--resize", "72"], "--resize 72: DeepLabV3Plus-resnet18 downsamples by 16; use a multiple of 16"),
+        (["--arch", "Unet++"], "--arch: unknown smp architecture 'Unet++'; did you mean Unet"),
+        (["--arch", "deeplabv3plus"], "--arch: unknown smp architecture 'deeplabv3plus'; did you mean DeepLabV3Plus"),
+        (["--encoder", "efficientnet_b0"], "--encoder: unknown smp encoder 'efficientnet_b0'; did you mean efficientnet-b0"),
+        (["--arch", "DPT"], "--arch DPT --encoder resnet18: smp cannot build this pair (Only Timm encoders are supported for DPT"),
         (["--encoder-weights", "/no/such/file.pth"], "--encoder-weights: no such file"),
     ],
 )

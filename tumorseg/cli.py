@@ -51,6 +51,17 @@ def parse_int_list(text: str) -> list[int]:
     return values
 
 
+def parse_float_list(text: str) -> list[float]:
+    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]`` (for argparse ``type=``)."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
 def parse_range(text: str) -> tuple[float, float]:
     """``"1e-5,3e-3"`` -> ``(1e-05, 0.003)`` (for argparse ``type=``)."""
     try:
