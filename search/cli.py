@@ -82,6 +82,10 @@ def build_parser() -> ArgumentParser:
     # --arch/--encoder/--batch-size/--aug-strength fix an optional dimension (= --archs X etc.)
     add_dataclass_arguments(f, TrainConfig, exclude=(*always_searched, *SWEEP_OWNED_FIELDS),
                             defaults=dict.fromkeys(OPTIONAL_NAMES))
+    plural = {q.name: {g.name: g.metadata["flag"] for g in dataclasses.fields(SearchSpace)}[q.range_field] for q in PARAMS if q.optional}
+    for action in p._actions:  # None means "not given"; say what the flag really does
+        if action.dest in plural:
+            action.help = action.help.replace("(default: %(default)s)", f"(= {plural[action.dest]} with one value)")
     f.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per trial (default: trial CPUs - 1)")
     f.add_argument("--fixed", action="append", default=[], metavar="NAME=VALUE", help="set any TrainConfig field for all trials")
     return p

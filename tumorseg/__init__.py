@@ -12,7 +12,7 @@ Modules, one concern each:
 - ``inspect_data`` the dataset report (sizes, labels, duplicates, trivial baselines)
 - ``synthetic``  a small built-in dataset, in any layout
 - ``transforms`` albumentations pipelines and the input normalisation
-- ``model``      ``create_model`` (smp UNet-ResNet18) and encoder weights
+- ``model``      ``create_model`` (any smp arch + encoder; the recipe: UNet-ResNet18), name/stride checks, encoder weights, cost
 - ``losses``     ``create_loss`` from smp's Dice / BCE / focal losses
 - ``metrics``    per-image Dice/IoU and pooled pixel precision/recall/F1
 - ``schedule``   ``WarmupThenPlateau``: linear warmup, then ReduceLROnPlateau on val loss
