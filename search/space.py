@@ -197,7 +197,6 @@ class SearchSpace:
     def replace(self, **changes: Any) -> "SearchSpace":
         return SearchSpace.from_dict({**self.to_dict(), **changes})
 
-
     def fixed_params(self) -> dict[str, Any]:
         """The optional parameters this space does not search, at their one value (for the base config)."""
         return {p.name: getattr(self, p.range_field)[0] for p in PARAMS if not p.searched(self)}

@@ -67,16 +67,17 @@ def loader_images_per_s(split, cfg: TrainConfig, workers: int, batches: int = 40
     return rate
 
 
-def step_images_per_s(size_px: int, precision: str, batch: int = 16, steps: int = 6) -> float:
-    """Images/s of forward + backward + AdamW step on random data (no loader)."""
+def step_images_per_s(size_px: int, precision: str, batch: int = 16, steps: int = 6,
+                      arch: str = "Unet", encoder: str = "resnet18") -> float:
+    """Images/s of forward + backward + AdamW step of ``arch``-``encoder`` on random data (no loader)."""
     from tumorseg.losses import create_loss
     from tumorseg.model import create_model
     from tumorseg.engine import make_accelerator
     from tumorseg.inference import to_input
 
-    cfg = TrainConfig(resize_px=size_px, precision=precision, encoder_weights="none", batch_size=batch)
+    cfg = TrainConfig(resize_px=size_px, precision=precision, encoder_weights="none", batch_size=batch, arch=arch, encoder=encoder)
     accelerator = make_accelerator(cfg)
-    model = create_model(None).to(memory_format=torch.channels_last)
+    model = create_model(None, arch=arch, encoder=encoder).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     criterion = create_loss(cfg)
