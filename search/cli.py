@@ -20,14 +20,14 @@ from tumorseg.cli import ArgumentParser, add_dataclass_arguments, parse_int_list
 from tumorseg.config import TrainConfig, field_names
 from tumorseg.errors import ConfigError
 
-from search.rundir import SweepSettings
+from search.rundir import RAY_LOG, SweepSettings
 from search.space import PARAM_NAMES, SearchSpace, define_by_run, fit_to_budget, read_space_file
 
 # TrainConfig fields with a sweep-specific meaning, defined by hand below
 SWEEP_OWNED_FIELDS = ("epochs", "seed", "num_workers")
 # flags that may differ on --resume (they change how the driver runs, not what the sweep is)
 RESUMABLE_FLAGS = {"name", "storage", "resume", "address", "dashboard", "dashboard_host", "dashboard_port",
-                   "ray_temp_dir", "no_retrain", "retrain_seeds"}
+                   "ray_temp_dir", "no_retrain", "retrain_seeds", "verbose"}
 SPACE_FLAG_TYPES = {"int_list": parse_int_list, "str_list": lambda v: [x for x in v.split(",") if x],
                     "range": parse_range, "int_range": parse_range}
 
@@ -41,6 +41,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the sweep --name (finished trials are kept)")
     g.add_argument("--debug", action="store_true", help="one trial in this process without Ray (tiny budget)")
     g.add_argument("--seed", type=int, default=0, help="seeds the searcher and the trials (default 0)")
+    g.add_argument("--verbose", action="store_true",
+                   help=f"show Ray's own output (status boxes, warnings, worker logs) here too, not only in NAME/{RAY_LOG}")
     g.add_argument("--cache-dir", default=None, help="array cache (default: $TUMORSEG_CACHE_DIR or ~/.cache/tumorseg)")
     r = p.add_argument_group("resources")
     r.add_argument("--gpus", type=float, default=0, help="GPUs the search may use in total (logical GPUs where fewer exist)")
@@ -241,5 +243,6 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict, list[str
         points=read_points(args.points, space) if args.points else None,
         reuse_actors=args.reuse_actors,
         no_retrain=args.no_retrain,
+        verbose=args.verbose,
     )
     return settings, space, base_config(args), notes

@@ -73,7 +73,7 @@ def retrain(run_dir: Path, seeds: int | None = None, log=print) -> dict:
                 data_by_size[cfg.resize_px] = load_dataset(data_dir, cfg.resize_px, cache_dir=settings.cache_dir)
             data = data_by_size[cfg.resize_px]
             log(f"retrain: {recipe} seed {k}: {params}, {cfg.epochs} epochs")
-            result = train(cfg, data, encoder_state=encoder_state, log=log)
+            result = train(cfg, data, encoder_state=encoder_state, log=log, progress=True)
             tmp = out.with_name(out.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
             _, counts = write_run_outputs(tmp, result, cfg, data["test"], data_dir)
@@ -137,11 +137,13 @@ def _mean_std(values: list[float]) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    lines = ["test metrics (mean +- std over seeds):"]
+    seeds = max((len(summary[r]["seeds"]) for r in ("best", "seed_recipe") if r in summary), default=1)
+    lines = ["test metrics (mean +- std over seeds):" if seeds > 1 else "test metrics (one seed):"]
     for recipe in ("best", "seed_recipe"):
         if recipe in summary:
             t = summary[recipe]["test"]
-            lines.append(f"  {recipe:12s} " + "  ".join(f"{k} {t[k]['mean']:.4f}+-{t[k]['std']:.4f}" for k in ("dice", "f1", "precision", "recall")))
+            spread = (lambda k: f" +- {t[k]['std']:.4f}") if len(summary[recipe]["seeds"]) > 1 else (lambda k: "")
+            lines.append(f"  {recipe:12s} " + "  ".join(f"{k} {t[k]['mean']:.4f}{spread(k)}" for k in ("dice", "f1", "precision", "recall")))
     s = summary["seed_reported_test"]
     lines.append(f"  {'seed report':12s} f1 {s['f1']}  precision {s['precision']}  recall {s['recall']}  (Kaggle test, as reported)")
     lines += [f"  note: {n}" for n in summary.get("notes", [])]
