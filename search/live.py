@@ -72,7 +72,8 @@ class SweepProgress:
         scored = [(row["best_val_dice"], name) for name, row in self.rows.values()
                   if row.get("best_val_dice") is not None and row["best_val_dice"] == row["best_val_dice"]
                   and row["status"] not in ("FAILED", "ERROR")]
-        best = f"best {max(scored)[0]:.4f} ({max(scored)[1]})" if scored else "best -"
+        top = min(scored, key=lambda s: (-s[0], s[1]), default=None)  # ties: the earlier trial
+        best = f"best {top[0]:.4f} ({top[1]})" if top else "best -"
         new_done = done - self.done_at_start
         if done >= self.total_trials:
             eta = ""

@@ -98,7 +98,7 @@ def write_per_image(out: Path, model, split, cfg, counts: np.ndarray) -> None:
     pd.DataFrame({"file_name": split.file_names, "dice": dice, "iou": iou_per_image(counts)}).to_csv(out / "test_per_image.csv", index=False)
     order = np.argsort(-dice, kind="stable")
     picks = {"best": int(order[0]), "median": int(order[len(order) // 2]), "worst": int(order[-1])}
-    labels = [f"{name}: {split.file_names[i][:24]} dice {dice[i]:.2f}" for name, i in picks.items()]
+    labels = [f"{name}: dice {dice[i]:.2f} {split.file_names[i]}" for name, i in picks.items()]
     for (name, _), tile in zip(picks.items(), prediction_tiles(model, split, cfg, list(picks.values()), labels)):
         tile.resize((320, 320)).save(out / f"overlay_{name}.png")
 
