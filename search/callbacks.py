@@ -132,7 +132,7 @@ class LiveViewCallback(Callback):
         self.print_fn(start_line(str(trial), trial.config or {}))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "epoch" in result:  # not the trial's start-up report
+        if result.get("epoch", 0) > 0:  # an epoch's result, not the trial's start-up report
             self._show(trial)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
