@@ -107,6 +107,7 @@ def test_three_trial_sweep_prints_the_live_view_and_next_steps_and_no_ray_noise(
     assert f"-- 3/3 trials done, 0/" in out and f"best {best:.4f} (trial_" in out
     epoch_lines = [line for line in proc.stdout.splitlines() if " epoch " in line and "val_dice" in line]
     assert len(epoch_lines) >= 3 and all(line.startswith("trial_") for line in epoch_lines)
+    assert (run_dir / "ray.log").is_file() and list((run_dir / "tune").glob("trial_000_*/stderr"))  # Ray's talk kept
     assert (run_dir / "final" / "model.pt").is_file()
     assert f"model        {run_dir / 'final' / 'model.pt'}" in proc.stdout
     assert f"python -m search.run --name live --storage {paths['storage']} --resume" in proc.stdout
