@@ -105,6 +105,48 @@ def test_dev_data_arrays_unchanged(dev_data, tmp_path):
     assert open_dataset(dev_data).info.is_kaggle_brain_tumor
 
 
+def _rgb_pairs(root: Path, colours: list[bool], size=8) -> Path:
+    """Pairs x00.png, x01.png, ... as RGB: black (bands equal) or with three different bands."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    ramp = np.arange(size * size, dtype=np.uint8).reshape(size, size)
+    for i, colour in enumerate(colours):
+        rgb = np.stack([ramp, 255 - ramp, ramp // 2], -1) if colour else np.zeros((size, size, 3), np.uint8)
+        Image.fromarray(rgb).save(root / "images" / f"x{i:02d}.png")
+        Image.fromarray(np.eye(size, dtype=np.uint8) * 255).save(root / "masks" / f"x{i:02d}.png")
+    return root
+
+
+def test_channels_probe_past_blank_leading_images(tmp_path):
+    # first 8 black (bands equal, constant), last 4 colour: a 3-sequence dataset, not grey
+    root = _rgb_pairs(tmp_path / "ds", [False] * 8 + [True] * 4)
+    dataset = open_dataset(root, DataOptions(split_fractions=(0.5, 0.25, 0.25)))
+    assert dataset.channels == 3
+    data = load_dataset(dataset, 8, cache_dir=tmp_path / "c")
+    names = [n for s in data.values() for n in s.file_names]
+    images = np.concatenate([s.images for s in data.values()])
+    ramp = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    colour = images[[names.index(f"images/x{i:02d}.png") for i in range(8, 12)]]
+    np.testing.assert_array_equal(colour, np.broadcast_to(np.stack([ramp, 255 - ramp, ramp // 2]), colour.shape))
+
+
+def test_colour_image_in_a_grey_dataset_fails_naming_it(tmp_path):
+    root = _rgb_pairs(tmp_path / "ds", [False] * 12)
+    grey = np.repeat(np.arange(64, dtype=np.uint8).reshape(8, 8, 1), 3, -1)  # RGB of a grey ramp
+    for i in range(11):
+        Image.fromarray(grey).save(root / "images" / f"x{i:02d}.png")
+    _rgb_pairs(tmp_path / "colour", [True])
+    shutil.copy(tmp_path / "colour" / "images" / "x00.png", root / "images" / "x05.png")
+    dataset = open_dataset(root, DataOptions(split_fractions=(0.5, 0.25, 0.25)))
+    assert dataset.channels == 1  # the probes saw 8 grey images first
+    split = next(s for s in ("train", "valid", "test") if "images/x05.png" in {x.name for x in dataset.splits[s]})
+    with pytest.raises(DataError) as err:
+        load_split(dataset, split, 8, cache_dir=tmp_path / "c")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{root}/images/x05.png: the image has 3 channels but the dataset's other images are grey")
+
+
 # ----------------------------------------------------------------------------- grouped splits
 
 

@@ -7,7 +7,8 @@
 ``open_dataset`` detects the layout (``tumorseg.layouts``: coco, pairs, nnunet), lists the samples
 (reading file headers only), and carves missing valid/test splits by case (``tumorseg.splits``).
 The channel count follows the data (``tumorseg.imageio``): nnU-Net channel files, or the bands of
-the images, where a colour image whose bands are equal counts as grey.
+the images, where a colour image whose bands are equal counts as grey (decided from every header
+and probes spread over the dataset; the cache build refuses a colour image in a grey dataset).
 
 Each split is decoded and resized once per size, then kept in an on-disk cache of ``.npy`` files
 keyed by the split's content (image names and sizes, labels, the options that change pixels) and
@@ -35,13 +36,14 @@ import numpy as np
 
 from tumorseg.coco import ANNOTATIONS, ImageRecord, rasterize, read_split  # noqa: F401 (re-exported)
 from tumorseg.errors import ConfigError, DataError
-from tumorseg.imageio import NORMALISATION, bands_equal, decode_channels, decode_gray, read_mask, read_pixels, resize_mask
+from tumorseg.imageio import NORMALISATION, bands_equal, check_gray, decode_channels, decode_gray, read_mask, read_pixels, resize_mask
 from tumorseg.layouts import LAYOUTS, Sample, read_layout
 from tumorseg.splits import DEFAULT_FRACTIONS, SPLITS, carve, check_fractions, parse_fractions, read_splits, write_splits
 
 CACHE_VERSION = 2  # bump when the cached arrays' meaning changes
 SPLITS_JSON = "splits.json"  # the carve, as written into a run folder
 SYNTHETIC_MARKER = ".tumorseg-synthetic"  # written by tumorseg.synthetic into every layout it writes
+GREY_PROBES = 8  # non-constant images with equal bands that make a dataset 1-channel (grey stored as colour)
 
 
 # ----------------------------------------------------------------------------- options
@@ -205,22 +207,44 @@ def _is_kaggle_export(root: Path) -> bool:
 
 
 def _channels(root: Path, splits: dict[str, list[Sample]]) -> int:
-    """1 when every image has one band or equal bands (probed on a few), else the images' bands."""
+    """1 when every image has one band or equal bands, else the bands of the colour images.
+
+    Headers say which images have several bands; of those, probes spread over the whole dataset
+    (``_spread``) are decoded until one has bands that differ (colour) or ``GREY_PROBES`` have equal
+    bands (grey). Constant images (blank edge slices) say nothing and are skipped. The cache build
+    checks every image against the decision (``decode_sample``), so a wrong guess is never silent.
+    """
     samples = [s for split in SPLITS for s in splits[split]]
     multi = [s for s in samples if s.bands is None or s.bands > 1]
-    if not multi:
+    grey_seen, colour = 0, None
+    for sample in _spread(multi):
+        pixels = read_pixels(root / sample.images[0])
+        if pixels.min() == pixels.max():
+            continue
+        if not bands_equal(pixels):
+            colour = sample
+            break
+        grey_seen += 1
+        if grey_seen == GREY_PROBES:
+            break
+    if colour is None:
         return 1
-    probes = [read_pixels(root / s.images[0]) for s in multi[:4]]
-    if all(bands_equal(p) for p in probes):
-        return 1
-    channels = next(p.shape[2] for p in probes if p.ndim == 3)
+    channels = pixels.shape[2]
     for sample in samples:
         if sample.bands == 1:  # other mismatches are caught when decoding
             raise DataError(
                 f"{root / sample.images[0]} has {sample.bands} channel(s) but the dataset's images have "
-                f"{channels} (e.g. {root / multi[0].images[0]})"
+                f"{channels} (e.g. {root / colour.images[0]})"
             )
     return channels
+
+
+def _spread(items: list) -> list:
+    """``items`` reordered so that any prefix is spread over the whole list (bit-reversed indices:
+    0, 1/2, 1/4, 3/4, ... of the way through), not bunched at its start."""
+    bits = max(len(items) - 1, 0).bit_length()
+    reverse = lambda i: int(f"{i:0{bits}b}"[::-1], 2) if bits else 0  # noqa: E731
+    return [items[i] for i in sorted(range(len(items)), key=reverse)]
 
 
 def _split_content(root: Path, samples: list[Sample]) -> bytes:
@@ -267,14 +291,22 @@ def _read_bytes(path: Path) -> bytes:
 def decode_sample(dataset: Dataset, sample: Sample, size_px: int | None) -> np.ndarray:
     """uint8 ``(S, S)`` for one channel, ``(C, S, S)`` for more (``size_px`` None: native)."""
     root = dataset.root
-    if dataset.channels == 1:
-        return decode_gray(root / sample.images[0], size_px, sample.hw)
-    if len(sample.images) > 1:  # one file per channel (nnU-Net)
-        return np.stack([decode_gray(root / rel, size_px, sample.hw) for rel in sample.images])
+    if dataset.channels == 1 or len(sample.images) > 1:  # one grey file per channel
+        grey = []
+        for rel in sample.images:
+            check_gray(root / rel, _why_grey(dataset))
+            grey.append(decode_gray(root / rel, size_px, sample.hw))
+        return grey[0] if dataset.channels == 1 else np.stack(grey)
     image = decode_channels(root / sample.images[0], size_px)
     if image.shape[0] != dataset.channels:
         raise DataError(f"{root / sample.images[0]} has {image.shape[0]} channel(s) but the dataset has {dataset.channels}")
     return image
+
+
+def _why_grey(dataset: Dataset) -> str:
+    if dataset.channel_names:
+        return f"{dataset.root / 'dataset.json'} gives one grey file per channel"
+    return "the dataset's other images are grey, so it was read as 1 channel (mixed grey and colour is not supported)"
 
 
 def sample_mask(dataset: Dataset, sample: Sample, hw: tuple[int, int] | None = None) -> np.ndarray:
