@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -145,6 +146,29 @@ def test_colour_image_in_a_grey_dataset_fails_naming_it(tmp_path):
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(f"{root}/images/x05.png: the image has 3 channels but the dataset's other images are grey")
+
+
+def test_tiff_rewritten_in_place_is_not_served_stale(tmp_path):
+    # an uncompressed TIFF's size is fixed by its shape: only its time tells the cache it changed
+    root = _pairs(tmp_path, n=4)
+    for i in range(4):
+        (root / "images" / f"x{i}.png").unlink()
+        Image.fromarray(np.full((8, 8), 1000 * (i + 1), np.uint16)).save(root / "images" / f"x{i}.tif")
+    tif = root / "images" / "x0.tif"
+    options = DataOptions(split_fractions=(0.5, 0.25, 0.25))
+    dataset = open_dataset(root, options)
+    split = next(s for s in ("train", "valid", "test") if "images/x0.tif" in {x.name for x in dataset.splits[s]})
+    index = [x.name for x in dataset.splits[split]].index("images/x0.tif")
+    before = np.array(load_split(dataset, split, 8, cache_dir=tmp_path / "c").images[index])
+    stat, fingerprint = tif.stat(), dataset.info.fingerprint
+    Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 100).save(tif)
+    os.utime(tif, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a re-export, later (any clock granularity)
+    assert tif.stat().st_size == stat.st_size
+    again = open_dataset(root, options)
+    after = load_split(again, split, 8, cache_dir=tmp_path / "c").images[index]
+    np.testing.assert_array_equal(after, to_uint8(np.arange(64, dtype=np.uint16).reshape(8, 8) * 100))
+    assert not np.array_equal(before, after)
+    assert again.info.fingerprint == fingerprint  # names, sizes and labels: same data, same fingerprint
 
 
 # ----------------------------------------------------------------------------- grouped splits

@@ -12,9 +12,9 @@ and probes spread over the dataset; the cache build refuses a colour image in a 
 
 Each split is decoded and resized once per size, then kept in an on-disk cache of ``.npy`` files
 keyed by the split's content (image names and sizes, labels, the options that change pixels) and
-opened memory-mapped, so later runs and trials never decode an image. Validation and test also
-keep their masks at native resolution (bit-packed), since metrics are computed there; that needs
-one native size per split.
+its files' modification times, and opened memory-mapped, so later runs and trials never decode an
+image. Validation and test also keep their masks at native resolution (bit-packed), since metrics
+are computed there; that needs one native size per split.
 
 ``python -m tumorseg.data DIR`` describes a dataset (``tumorseg.inspect_data``).
 """
@@ -133,7 +133,7 @@ class DatasetInfo:
     path: str
     name: str  # the folder's name, or "built-in synthetic"
     layout: str
-    fingerprint: str  # content hash of every split (names, sizes, labels, options)
+    fingerprint: str  # content hash of every split (names, sizes, labels, options; not file times)
     channels: int
     split_sizes: dict[str, int]
     splits_from: str  # "data" (its own split folders), "carved" (by case, now) or "file" (--splits / a run's splits.json)
@@ -181,12 +181,13 @@ def open_dataset(data_dir: Path, options: DataOptions = DataOptions()) -> Datase
                     )
         fractions = options.split_fractions or DEFAULT_FRACTIONS
         splits, carved = carve(read.pools, fractions, seed=options.split_seed, group_by=options.group_by)
-    contents = {s: _split_content(root, splits[s]) for s in SPLITS}  # also: every file is there
+    contents = {s: _split_content(root, splits[s]) for s in SPLITS}  # (content, mtimes); also: every file is there
     channels = len(read.channel_names) if read.channel_names else _channels(root, splits)
     dataset = Dataset(root, read.layout, splits, channels, options, carved, read.skipped_unlabelled,
                       read.label_values, read.channel_names)
-    dataset.split_keys = {s: _split_key(dataset, s, contents[s]) for s in SPLITS}
-    digest = hashlib.sha256("".join(dataset.split_keys[s] for s in SPLITS).encode()).hexdigest()[:16]
+    dataset.split_keys = {s: _split_key(dataset, s, *contents[s]) for s in SPLITS}
+    content_keys = "".join(_split_key(dataset, s, contents[s][0]) for s in SPLITS)  # a copy keeps its fingerprint
+    digest = hashlib.sha256(content_keys.encode()).hexdigest()[:16]
     synthetic = (root / SYNTHETIC_MARKER).is_file()
     dataset.info = DatasetInfo(
         path=str(root.resolve()),
@@ -247,31 +248,35 @@ def _spread(items: list) -> list:
     return [items[i] for i in sorted(range(len(items)), key=reverse)]
 
 
-def _split_content(root: Path, samples: list[Sample]) -> bytes:
-    """Digest of what a split holds: image names and sizes, and its labels (mask bytes or polygons)."""
-    digest = hashlib.sha256()
+def _split_content(root: Path, samples: list[Sample]) -> tuple[bytes, bytes]:
+    """Digests of what a split holds: image names and sizes, and its labels (mask bytes or polygons);
+    and of its files' modification times (an uncompressed TIFF re-exported in place keeps its size)."""
+    content, mtimes = hashlib.sha256(), hashlib.sha256()
     for sample in samples:
-        digest.update(f"|{sample.name}".encode())
+        content.update(f"|{sample.name}".encode())
         for rel in sample.images:
-            digest.update(f":{_file_size(root / rel)}".encode())
+            stat = _stat(root / rel)
+            content.update(f":{stat.st_size}".encode())
+            mtimes.update(f":{stat.st_mtime_ns}".encode())
         if sample.polygons is not None:
-            digest.update(repr((sample.hw, sample.polygons)).encode())
+            content.update(repr((sample.hw, sample.polygons)).encode())
         else:
-            digest.update(_read_bytes(root / sample.mask))
-    return digest.digest()
+            content.update(_read_bytes(root / sample.mask))
+            mtimes.update(f"|{_stat(root / sample.mask).st_mtime_ns}".encode())
+    return content.digest(), mtimes.digest()
 
 
-def _split_key(dataset: Dataset, split: str, content: bytes) -> str:
-    """Cache key of one split: its content and the options that change its arrays."""
+def _split_key(dataset: Dataset, split: str, content: bytes, mtimes: bytes = b"") -> str:
+    """Cache key of one split: its content (and file times) and the options that change its arrays."""
     digest = hashlib.sha256(f"tumorseg-cache-v{CACHE_VERSION}|{dataset.layout}|{split}".encode())
     digest.update(f"|channels {dataset.channels}|labels {dataset.options.labels}|{NORMALISATION}|".encode())
-    digest.update(content)
+    digest.update(content + mtimes)
     return digest.hexdigest()[:16]
 
 
-def _file_size(path: Path) -> int:
+def _stat(path: Path) -> os.stat_result:
     try:
-        return path.stat().st_size
+        return path.stat()
     except FileNotFoundError:
         raise DataError(f"image listed in {ANNOTATIONS} but missing: {path}") from None
     except (OSError, ValueError) as err:
