@@ -314,8 +314,13 @@ def test_split_fractions_must_sum_to_one():
 
 def test_split_that_would_be_empty(tmp_path):
     root = _pairs(tmp_path, n=2)
-    with pytest.raises(DataError, match=r"the (valid|test) split would be empty \(2 image\(s\) in 2 case\(s\)"):
+    with pytest.raises(DataError, match=r"^default split 0.7,0.15,0.15: the valid split would be empty \(2 image\(s\) "
+                                        r"in 2 case\(s\) to carve from\); pass --group-by REGEX"):
         open_dataset(root)
+    more = _pairs(tmp_path / "more")
+    with pytest.raises(DataError, match=r"^--split 1,0,0: the valid split would be empty \(8 image\(s\) in 8 case\(s\) "
+                                        r"to carve from\); pass --split with larger valid and test fractions$"):
+        open_dataset(more, DataOptions(split_fractions=(1, 0, 0)))
 
 
 def test_nnunet_channel_file_missing(tmp_path_factory, tmp_path):

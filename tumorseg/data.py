@@ -179,8 +179,7 @@ def open_dataset(data_dir: Path, options: DataOptions = DataOptions()) -> Datase
                     raise DataError(
                         f"split folder missing: {root / split} (or pass --split TRAIN,VALID,TEST to carve it from train)"
                     )
-        fractions = options.split_fractions or DEFAULT_FRACTIONS
-        splits, carved = carve(read.pools, fractions, seed=options.split_seed, group_by=options.group_by)
+        splits, carved = carve(read.pools, options.split_fractions, seed=options.split_seed, group_by=options.group_by)
     contents = {s: _split_content(root, splits[s]) for s in SPLITS}  # (content, mtimes); also: every file is there
     channels = len(read.channel_names) if read.channel_names else _channels(root, splits)
     dataset = Dataset(root, read.layout, splits, channels, options, carved, read.skipped_unlabelled,
