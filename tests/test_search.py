@@ -312,6 +312,7 @@ def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_pat
         assert after.set_index("trial_id").loc[tid, "best_val_dice"] == pytest.approx(row["best_val_dice"])
 
 
+@pytest.mark.slow
 def test_trials_use_the_drivers_encoder_weights_and_never_fetch(paths, tmp_path, monkeypatch):
     """The driver resolves weights once; a trial asked for ImageNet weights on an offline node
     trains from the tensors it was handed (the hub is never consulted)."""
