@@ -43,6 +43,10 @@ def start_ray(settings: SweepSettings, log=print) -> None:
         route_ray_logs(None, settings.verbose)
         log(f"attached to the Ray cluster at {settings.address}: {ray.cluster_resources()}")
         return
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None and settings.gpus > len([d for d in listed.split(",") if d.strip()]):
+        raise ConfigError(f"--gpus {settings.gpus:g}: CUDA_VISIBLE_DEVICES={listed!r} lists fewer devices, and Ray gives a "
+                          "machine no more GPUs than it lists; lower --gpus or unset CUDA_VISIBLE_DEVICES")
     visible = cuda_device_count()
     if settings.gpus > visible:
         print(

@@ -95,17 +95,12 @@ def print_data_summary(dataset, size_px: int, cache_dir, run_dir: Path) -> None:
     (run_dir / rundir.DATA_SUMMARY_TXT).write_text("\n".join(lines) + "\n")
 
 
-def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: list[str], argv: list[str], restore: bool) -> bool:
-    """Check data, storage and cluster, claim the run folder, run (or continue) the Tune experiment.
-
-    Returns True when every trial finished.
-    """
-    cluster.use_auth_token(settings)  # before Ray is imported
-    from tumorseg.model import load_encoder_state
+def prepare_data(settings: SweepSettings, space: SearchSpace, base: dict, restore: bool) -> dict:
+    """The sweep's arrays at every resize it may sample, after the data summary and its warnings."""
+    from tumorseg.sanity import data_warnings, print_warnings
 
     from search.trainable import load_search_data
 
-    encoder_state = load_encoder_state(base["encoder_weights"])  # once, shipped to every trial
     t0 = time.perf_counter()
     if not restore:  # left by an attempt that failed before it claimed the name: not this sweep's
         for stale in (rundir.SPLITS_JSON, rundir.DATA_SUMMARY_TXT):
@@ -114,11 +109,22 @@ def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: li
     print_data_summary(dataset, min(space.resize_choices), settings.cache_dir, settings.run_dir)
     data = load_search_data(dataset, space.resize_choices, settings.cache_dir)
     print(f"data for sizes {sorted(data)} ready in {time.perf_counter() - t0:.1f}s")
-    from tumorseg.sanity import data_warnings, print_warnings
-
     train = data[max(data)]["train"]
     print_warnings(data_warnings(train, sorted(data), base.get("batch_size", TrainConfig().batch_size), "--resize-choices"))
+    return data
+
+
+def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: list[str], argv: list[str], restore: bool) -> bool:
+    """Check data, storage and cluster, claim the run folder, run (or continue) the Tune experiment.
+
+    Returns True when every trial finished.
+    """
+    cluster.use_auth_token(settings)  # before Ray is imported
+    from tumorseg.model import load_encoder_state
+
     check_writable(settings.storage, settings.run_dir)
+    encoder_state = load_encoder_state(base["encoder_weights"])  # once, shipped to every trial
+    data = prepare_data(settings, space, base, restore)
     cluster.route_ray_logs(settings.run_dir / rundir.RAY_LOG, settings.verbose)
     cluster.start_ray(settings)
     try:
