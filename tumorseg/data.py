@@ -43,7 +43,7 @@ from tumorseg.splits import DEFAULT_FRACTIONS, SPLITS, carve, check_fractions, p
 CACHE_VERSION = 2  # bump when the cached arrays' meaning changes
 SPLITS_JSON = "splits.json"  # the carve, as written into a run folder
 SYNTHETIC_MARKER = ".tumorseg-synthetic"  # written by tumorseg.synthetic into every layout it writes
-GREY_PROBES = 8  # non-constant images with equal bands that make a dataset 1-channel (grey stored as colour)
+GREY_PROBES = 8  # non-constant multi-band images decoded to decide grey (equal bands) or colour, by majority
 
 
 # ----------------------------------------------------------------------------- options
@@ -207,34 +207,35 @@ def _is_kaggle_export(root: Path) -> bool:
 
 
 def _channels(root: Path, splits: dict[str, list[Sample]]) -> int:
-    """1 when every image has one band or equal bands, else the bands of the colour images.
+    """1 when the images have one band or equal bands, else the bands of the colour images.
 
-    Headers say which images have several bands; of those, probes spread over the whole dataset
-    (``_spread``) are decoded until one has bands that differ (colour) or ``GREY_PROBES`` have equal
-    bands (grey). Constant images (blank edge slices) say nothing and are skipped. The cache build
-    checks every image against the decision (``decode_sample``), so a wrong guess is never silent.
+    Headers say which images have several bands; of those, up to ``GREY_PROBES`` non-constant
+    probes spread over the whole dataset (``_spread``) are decoded and the majority decides, so
+    blank edge slices (constant: skipped) or one corrupt file cannot decide for the rest. The cache
+    build checks every image against the decision (``decode_sample``), so the minority is never
+    silently converted: it fails with its file named.
     """
     samples = [s for split in SPLITS for s in splits[split]]
     multi = [s for s in samples if s.bands is None or s.bands > 1]
-    grey_seen, colour = 0, None
+    grey, colour = 0, []
     for sample in _spread(multi):
         pixels = read_pixels(root / sample.images[0])
         if pixels.min() == pixels.max():
             continue
-        if not bands_equal(pixels):
-            colour = sample
+        if bands_equal(pixels):
+            grey += 1
+        else:
+            colour.append((sample, pixels.shape[2]))
+        if grey + len(colour) == GREY_PROBES:
             break
-        grey_seen += 1
-        if grey_seen == GREY_PROBES:
-            break
-    if colour is None:
+    if len(colour) <= grey:
         return 1
-    channels = pixels.shape[2]
+    example, channels = colour[0]
     for sample in samples:
         if sample.bands == 1:  # other mismatches are caught when decoding
             raise DataError(
                 f"{root / sample.images[0]} has {sample.bands} channel(s) but the dataset's images have "
-                f"{channels} (e.g. {root / colour.images[0]})"
+                f"{channels} (e.g. {root / example.images[0]})"
             )
     return channels
 
