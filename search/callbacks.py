@@ -28,6 +28,8 @@ class TrialsTableCallback(Callback):
         self._starts: dict[str, float] = {}
         self._last_write = 0.0
         self._previous: dict[str, dict] = {}
+        self._live: set[str] = set()  # started in this run and not finished: INTERRUPTED if the run stops now
+        self._ended: set[str] = set()  # finished in this run (Tune may not have marked them TERMINATED yet)
         previous = read_table(self.run_dir)
         if previous is not None:  # a resumed sweep: keep what the earlier run recorded
             self._previous = {row["trial_id"]: row for row in previous.to_dict("records")}
@@ -41,7 +43,13 @@ class TrialsTableCallback(Callback):
     def __setstate__(self, state):
         self.__init__(state["run_dir"], state["max_epochs"], state["min_interval_s"])
 
-    def _write(self, trials, force: bool = False) -> None:
+    def _row(self, trial, stopping: bool) -> dict:
+        interrupted = stopping and trial.trial_id in self._live and trial.status in ("RUNNING", "TERMINATED")
+        tune_status = "TERMINATED" if trial.trial_id in self._ended and trial.status == "RUNNING" else None
+        return trial_row(trial, self.max_epochs, self._starts.get(trial.trial_id), tune_status=tune_status,
+                         interrupted=interrupted)
+
+    def _write(self, trials, force: bool = False, stopping: bool = False) -> None:
         now = time.time()
         if not force and now - self._last_write < self.min_interval_s:
             return
@@ -50,7 +58,7 @@ class TrialsTableCallback(Callback):
         # restored that trial (one created just before the driver died may not have been saved)
         rows = {tid: row for tid, row in self._previous.items() if row.get("status") in FINISHED}
         for trial in trials:
-            row = trial_row(trial, self.max_epochs, self._starts.get(trial.trial_id))
+            row = self._row(trial, stopping)
             old = rows.get(trial.trial_id)
             if old is not None and old.get("status") in FINISHED and row["status"] not in FINISHED:
                 continue  # a finished trial from before a resume that Tune has not reloaded yet
@@ -59,16 +67,87 @@ class TrialsTableCallback(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._starts.setdefault(trial.trial_id, time.time())
+        self._live.add(trial.trial_id)
+        self._ended.discard(trial.trial_id)
         self._write(trials, force=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._write(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._live.discard(trial.trial_id)
+        self._ended.add(trial.trial_id)
         self._write(trials, force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._live.discard(trial.trial_id)
         self._write(trials, force=True)
 
     def on_experiment_end(self, trials, **info):
-        self._write(trials, force=True)
+        self._write(trials, force=True, stopping=True)
+
+
+class LiveViewCallback(Callback):
+    """The terminal's view of the sweep (``search.live``): a line per trial event, a header line per finish.
+
+    Replaces Tune's status boxes (``RunConfig(verbose=0)``); ``print_fn`` is where lines go.
+    """
+
+    def __init__(self, run_dir: Path, total_trials: int, max_epochs: int, slots: int, print_fn=print):
+        from search.live import SweepProgress
+
+        self.run_dir = Path(run_dir)
+        self.max_epochs = max_epochs
+        self.print_fn = print_fn
+        self._args = (run_dir, total_trials, max_epochs, slots)
+        self.progress = SweepProgress(total_trials, slots)
+        self._live: set[str] = set()
+        previous = read_table(self.run_dir)
+        if previous is not None:  # a resumed sweep: count what the earlier run finished
+            self.progress.done_at_start = int(previous["status"].isin(FINISHED).sum())
+
+    def __getstate__(self):  # Tune pickles callbacks with the experiment (and restores them on --resume)
+        return {"args": self._args}
+
+    def __setstate__(self, state):
+        self.__init__(*state["args"])
+
+    def _show(self, trial, status: str | None = None, tune_status: str | None = None, interrupted: bool = False,
+              header: bool = False) -> None:
+        from search.live import trial_line
+
+        row = trial_row(trial, self.max_epochs, None, tune_status=tune_status, interrupted=interrupted)
+        if trial.trial_id in self._live and row["status"] in FINISHED | {"INTERRUPTED"}:
+            self._live.discard(trial.trial_id)
+        self.progress.update(trial.trial_id, str(trial), row)
+        self.print_fn(trial_line(str(trial), status or row["status"], row, self.max_epochs))
+        if header:
+            self.print_fn(self.progress.header())
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        from search.live import start_line
+
+        self._live.add(trial.trial_id)
+        self.progress.update(trial.trial_id, str(trial), {"status": "RUNNING", "best_val_dice": None})
+        self.print_fn(start_line(str(trial), trial.config or {}))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("epoch", 0) > 0:  # an epoch's result, not the trial's start-up report
+            self._show(trial)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._show(trial, tune_status="TERMINATED", header=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.print_fn(f"{trial} crashed (attempt {trial.num_failures}): Tune retries it; "
+                      f"details in {getattr(trial, 'path', '')}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._show(trial, tune_status="ERROR", header=True)
+
+    def on_experiment_end(self, trials, **info):
+        stopped = [trial for trial in trials if trial.trial_id in self._live]
+        for trial in stopped:
+            self._show(trial, interrupted=True)
+        if stopped:
+            self.print_fn(self.progress.header())

@@ -21,14 +21,15 @@ from tumorseg.config import TrainConfig, field_names
 from tumorseg.data import DataOptions, add_data_arguments
 from tumorseg.errors import ConfigError
 
-from search.rundir import SweepSettings
+from search.rundir import RAY_LOG, SweepSettings
 from search.space import OPTIONAL_NAMES, PARAM_NAMES, PARAMS, SearchSpace, define_by_run, fit_to_budget, read_space_file
 
 # TrainConfig fields with a sweep-specific meaning, defined by hand below
 SWEEP_OWNED_FIELDS = ("epochs", "seed", "num_workers")
 # flags that may differ on --resume (they change how the driver runs, not what the sweep is);
 # RESUMED_SETTINGS are the SweepSettings fields such a flag sets on the saved sweep
-RESUMED_SETTINGS = ("dashboard", "dashboard_host", "dashboard_port", "ray_temp_dir", "no_retrain", "retrain_seeds", "cache_dir")
+RESUMED_SETTINGS = ("dashboard", "dashboard_host", "dashboard_port", "ray_temp_dir", "no_retrain", "retrain_seeds",
+                    "cache_dir", "verbose")
 RESUMABLE_FLAGS = {"name", "storage", "resume", "address", *RESUMED_SETTINGS}
 # tumorseg.data.add_data_arguments' flags (their values live in SweepSettings.data_options)
 DATA_FLAGS = {"layout", "labels", "split", "split_seed", "group_by", "splits", "allow_unlabelled"}
@@ -46,6 +47,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the sweep --name (finished trials are kept)")
     g.add_argument("--debug", action="store_true", help="one trial in this process without Ray (tiny budget)")
     g.add_argument("--seed", type=int, default=0, help="seeds the searcher and the trials (default 0)")
+    g.add_argument("--verbose", action="store_true",
+                   help=f"show Ray's own output (status boxes, warnings, worker logs) here too, not only in NAME/{RAY_LOG}")
     g.add_argument("--cache-dir", default=None, help="array cache (default: $TUMORSEG_CACHE_DIR or ~/.cache/tumorseg)")
     add_data_arguments(p)
     r = p.add_argument_group("resources")
@@ -292,6 +295,7 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict, list[str
         points=read_points(args.points, space) if args.points else None,
         reuse_actors=args.reuse_actors,
         no_retrain=args.no_retrain,
+        verbose=args.verbose,
     )
     check_models(space)
     base = {**base_config(args), **space.fixed_params()}

@@ -7,6 +7,7 @@ driver's own hardware: a KubeRay head or a SLURM login node may have no GPU at a
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -38,9 +39,14 @@ def start_ray(settings: SweepSettings, log=print) -> None:
     if ray.is_initialized():
         return
     if settings.address:
-        ray.init(address=settings.address, log_to_driver=True)
+        ray.init(address=settings.address, log_to_driver=settings.verbose)
+        route_ray_logs(None, settings.verbose)
         log(f"attached to the Ray cluster at {settings.address}: {ray.cluster_resources()}")
         return
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None and settings.gpus > len([d for d in listed.split(",") if d.strip()]):
+        raise ConfigError(f"--gpus {settings.gpus:g}: CUDA_VISIBLE_DEVICES={listed!r} lists fewer devices, and Ray gives a "
+                          "machine no more GPUs than it lists; lower --gpus or unset CUDA_VISIBLE_DEVICES")
     visible = cuda_device_count()
     if settings.gpus > visible:
         print(
@@ -59,9 +65,53 @@ def start_ray(settings: SweepSettings, log=print) -> None:
         _temp_dir=str(Path(settings.ray_temp_dir).resolve()) if settings.ray_temp_dir else None,
         configure_logging=True,
         logging_level="WARNING",
+        log_to_driver=settings.verbose,  # trial output: tune/<trial>/stdout|stderr (RunConfig(log_to_file=True))
     )
+    route_ray_logs(None, settings.verbose)  # ray.init may have reset its handlers
     if settings.dashboard and context.dashboard_url:
         print_dashboard_help(context.dashboard_url, settings.dashboard_host, log)
+
+
+# Driver-side loggers whose records are Tune's progress talk, not problems of the cluster
+TUNE_LOGGERS = ("ray.tune", "ray.train", "ray.air")
+_LOG_FILE_HANDLER = "tumorseg_ray_log"
+
+
+def _terminal_worthy(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR and not record.name.startswith(TUNE_LOGGERS)
+
+
+def route_ray_logs(log_path: Path | None, verbose: bool) -> None:
+    """Ray's and Optuna's log records go to ``log_path`` (``rundir.RAY_LOG``); the terminal keeps
+    only errors of Ray itself, unless ``verbose``. Safe to call again (``log_path`` None: keep the file).
+
+    What this quiets: Tune's "Experiment state snapshotting" warnings, trial start/finish talk,
+    the token-auth notice, Optuna's "A new study created". Trials' own output (checkpoint lines,
+    tracebacks) is in each trial's folder, ``tune/<trial>/stdout`` and ``stderr``.
+    """
+    import optuna
+    import ray  # noqa: F401 - installs Ray's terminal handler, which the filter below needs to see
+
+    loggers = [logging.getLogger("ray"), logging.getLogger("optuna")]
+    if log_path is not None:
+        handler = logging.FileHandler(log_path)
+        handler.set_name(_LOG_FILE_HANDLER)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        for logger in loggers:
+            for old in [h for h in logger.handlers if h.get_name() == _LOG_FILE_HANDLER]:
+                logger.removeHandler(old)
+                old.close()
+            logger.addHandler(handler)
+    if verbose:
+        return
+    # Tune's new-style output prints its "Configuration for experiment" box even at verbose=0;
+    # the legacy reporter prints nothing at verbose=0 (read when the Tuner runs, on the driver)
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    optuna.logging.disable_default_handler()
+    for logger in loggers:
+        for handler in logger.handlers:
+            if handler.get_name() != _LOG_FILE_HANDLER and _terminal_worthy not in handler.filters:
+                handler.addFilter(_terminal_worthy)
 
 
 def print_dashboard_help(url: str, host: str, log=print) -> None:

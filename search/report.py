@@ -159,6 +159,18 @@ def cost_section_html(table: pd.DataFrame | None, base: dict) -> str:
             f"<th>best val Dice</th><th>GFLOPs</th><th>M params</th><th>train images/s</th></tr>{rows}</table>")
 
 
+def legible_slices(fig, num_trials: int):
+    """Optuna's slice plot with an integer trial colour scale (0..N-1) and one label per decade on log axes."""
+    for trace in fig.data:
+        marker = getattr(trace, "marker", None)
+        if marker is not None and marker.color is not None and not isinstance(marker.color, str):
+            marker.cmin, marker.cmax = 0, max(1, num_trials - 1)
+            if marker.colorbar is not None:
+                marker.colorbar.update(title="trial", dtick=max(1, (num_trials - 1) // 8 + 1), tickformat="d")
+    fig.for_each_xaxis(lambda axis: axis.update(dtick=1, tickformat=".0e") if axis.type == "log" else None)
+    return fig
+
+
 def learning_curves_figure(curves: dict[str, pd.DataFrame], table: pd.DataFrame, max_epochs: int):
     import plotly.graph_objects as go
 
@@ -248,10 +260,30 @@ def _fmt(value, digits: int = 4) -> str:
     return html.escape(str(value))
 
 
-def _mean_std(entry: dict | None) -> str:
+def _mean_std(entry: dict | None, seeds: int) -> str:
+    """Mean and spread over seeds; one seed has no spread to show."""
     if not entry:
         return "-"
-    return f"{entry['mean']:.4f} &plusmn; {entry['std']:.4f}"
+    return f"{entry['mean']:.4f} &plusmn; {entry['std']:.4f}" if seeds > 1 else f"{entry['mean']:.4f}"
+
+
+def docstring_html(text: str) -> str:
+    """A module docstring as HTML text: paragraphs, ``- `` bullet lists, ````code```` and ``**bold**``."""
+    import re
+
+    def inline(part: str) -> str:
+        part = html.escape(" ".join(part.split()))
+        part = re.sub(r"``(.+?)``", r"<code>\1</code>", part)
+        return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", part)
+
+    blocks = []
+    for paragraph in text.strip().split("\n\n"):
+        if paragraph.lstrip().startswith("- "):
+            items = re.split(r"\n\s*- ", "\n" + paragraph.strip())[1:]
+            blocks.append("<ul>" + "".join(f"<li>{inline(item)}</li>" for item in items) + "</ul>")
+        else:
+            blocks.append(f"<p>{inline(paragraph)}</p>")
+    return "\n".join(blocks)
 
 
 def headline_html(final: dict | None, best: dict | None) -> str:
@@ -276,7 +308,7 @@ def headline_html(final: dict | None, best: dict | None) -> str:
                 t = final[recipe]["test"]
                 seeds = len(final[recipe]["seeds"])
                 rows.append(f"<tr><th>{label} ({seeds} seed{'s' if seeds > 1 else ''}, {final[recipe]['resize_px']} px)</th>"
-                            + "".join(f"<td>{_mean_std(t.get(m))}</td>" for m in REPORT_METRICS) + "</tr>")
+                            + "".join(f"<td>{_mean_std(t.get(m), seeds)}</td>" for m in REPORT_METRICS) + "</tr>")
         s = final.get("seed_reported_test")  # only when the data is the Kaggle dataset
         if s:
             rows.append("<tr><th>seed run as originally reported (measured on Kaggle's own test split at 256 px)</th>"
@@ -294,14 +326,16 @@ def headline_html(final: dict | None, best: dict | None) -> str:
                      + "".join(rows) + "</table>")
         for note in final.get("notes", []):
             parts.append(f"<p class='note'>Note: {html.escape(note)}</p>")
-    parts.append("<details><summary>Metric definitions</summary><pre>"
-                 + html.escape(metrics_module.__doc__.strip()) + "</pre></details>")
+    parts.append("<details><summary>Metric definitions</summary>" + docstring_html(metrics_module.__doc__)
+                 + "</details>")
     return "\n".join(parts)
 
 
 def sortable_table_html(table: pd.DataFrame) -> str:
     shown = table.drop(columns=["trial_dir", "start_ts", "end_ts"], errors="ignore").copy()
     shown["node_id"] = shown["node_id"].astype(str).str[:8]
+    lead = [c for c in ("trial_index", "status", "best_val_dice", "epochs_run") if c in shown.columns]
+    shown = shown[lead + [c for c in shown.columns if c not in lead]]  # what a reader looks for first, on screen
     body = shown.to_html(index=False, classes="grid sortable", na_rep="", float_format=lambda v: f"{v:.4g}", table_id="trials", escape=True)
     return "<p>Click a column header to sort.</p>" + body
 
@@ -392,7 +426,7 @@ def build_report(run_dir: Path) -> Path:
         sections.append(_fig_html(ov.plot_optimization_history(study, target_name="best val Dice")))
         sections.append(_fig_html(ov.plot_parallel_coordinate(study, target_name="best val Dice")))
         sections.append("<p>Slice plots: each conditional parameter shows only the trials that sampled it.</p>")
-        sections.append(_fig_html(ov.plot_slice(study, target_name="best val Dice")))
+        sections.append(_fig_html(legible_slices(ov.plot_slice(study, target_name="best val Dice"), len(study.trials))))
 
     # 4: learning curves
     sections.append("<h2>4. Learning curves</h2>")

@@ -75,7 +75,7 @@ def retrain(run_dir: Path, seeds: int | None = None, log=print) -> dict:
                 data_by_size[cfg.resize_px] = load_dataset(dataset, cfg.resize_px, cache_dir=settings.cache_dir)
             data = data_by_size[cfg.resize_px]
             log(f"retrain: {recipe} seed {k}: {params}, {cfg.epochs} epochs")
-            result = train(cfg, data, encoder_state=encoder_states[cfg.encoder], log=log)
+            result = train(cfg, data, encoder_state=encoder_states[cfg.encoder], log=log, progress=True)
             tmp = out.with_name(out.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
             _, counts = write_run_outputs(tmp, result, cfg, data["test"], dataset.info)
@@ -100,7 +100,7 @@ def write_per_image(out: Path, model, split, cfg, counts: np.ndarray) -> None:
     pd.DataFrame({"file_name": split.file_names, "dice": dice, "iou": iou_per_image(counts)}).to_csv(out / "test_per_image.csv", index=False)
     order = np.argsort(-dice, kind="stable")
     picks = {"best": int(order[0]), "median": int(order[len(order) // 2]), "worst": int(order[-1])}
-    labels = [f"{name}: {split.file_names[i][:24]} dice {dice[i]:.2f}" for name, i in picks.items()]
+    labels = [f"{name}: dice {dice[i]:.2f} {split.file_names[i]}" for name, i in picks.items()]
     for (name, _), tile in zip(picks.items(), prediction_tiles(model, split, cfg, list(picks.values()), labels)):
         tile.resize((320, 320)).save(out / f"overlay_{name}.png")
 
@@ -143,12 +143,14 @@ def _mean_std(values: list[float]) -> dict:
 
 def format_summary(summary: dict) -> str:
     dataset = summary.get("dataset") or {}
-    lines = [f"test metrics (mean +- std over seeds) on {dataset.get('name', '?')} "
-             f"({dataset.get('layout', '?')}, fingerprint {dataset.get('fingerprint', '?')}):"]
+    seeds = max((len(summary[r]["seeds"]) for r in ("best", "seed_recipe") if r in summary), default=1)
+    on = f"on {dataset.get('name', '?')} ({dataset.get('layout', '?')}, fingerprint {dataset.get('fingerprint', '?')})"
+    lines = [f"test metrics (mean +- std over seeds) {on}:" if seeds > 1 else f"test metrics (one seed) {on}:"]
     for recipe in ("best", "seed_recipe"):
         if recipe in summary:
             t = summary[recipe]["test"]
-            lines.append(f"  {recipe:12s} " + "  ".join(f"{k} {t[k]['mean']:.4f}+-{t[k]['std']:.4f}" for k in ("dice", "f1", "precision", "recall")))
+            spread = (lambda k: f" +- {t[k]['std']:.4f}") if len(summary[recipe]["seeds"]) > 1 else (lambda k: "")
+            lines.append(f"  {recipe:12s} " + "  ".join(f"{k} {t[k]['mean']:.4f}{spread(k)}" for k in ("dice", "f1", "precision", "recall")))
     s = summary.get("seed_reported_test")
     if s:
         lines.append(f"  {'seed report':12s} f1 {s['f1']}  precision {s['precision']}  recall {s['recall']}  "

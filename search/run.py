@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from tumorseg.cli import exit_on_user_error
+from tumorseg.config import TrainConfig
 from tumorseg.errors import ConfigError
 
 from search import cluster, rundir
@@ -94,18 +95,12 @@ def print_data_summary(dataset, size_px: int, cache_dir, run_dir: Path) -> None:
     (run_dir / rundir.DATA_SUMMARY_TXT).write_text("\n".join(lines) + "\n")
 
 
-def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: list[str], argv: list[str], restore: bool) -> bool:
-    """Check data, storage and cluster, claim the run folder, run (or continue) the Tune experiment.
-
-    Returns True when every trial finished.
-    """
-    cluster.use_auth_token(settings)  # before Ray is imported
-    from tumorseg.model import load_encoder_states
+def prepare_data(settings: SweepSettings, space: SearchSpace, base: dict, restore: bool) -> dict:
+    """The sweep's arrays at every resize it may sample, after the data summary and its warnings."""
+    from tumorseg.sanity import data_warnings, print_warnings
 
     from search.trainable import load_search_data
 
-    # once, for every encoder of the space, shipped to every trial
-    encoder_states = load_encoder_states(base["encoder_weights"], space.encoders)
     t0 = time.perf_counter()
     if not restore:  # left by an attempt that failed before it claimed the name: not this sweep's
         for stale in (rundir.SPLITS_JSON, rundir.DATA_SUMMARY_TXT):
@@ -114,7 +109,24 @@ def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: li
     print_data_summary(dataset, min(space.resize_choices), settings.cache_dir, settings.run_dir)
     data = load_search_data(dataset, space.resize_choices, settings.cache_dir)
     print(f"data for sizes {sorted(data)} ready in {time.perf_counter() - t0:.1f}s")
+    train = data[max(data)]["train"]
+    print_warnings(data_warnings(train, sorted(data), base.get("batch_size", TrainConfig().batch_size), "--resize-choices"))
+    return data
+
+
+def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: list[str], argv: list[str], restore: bool) -> bool:
+    """Check data, storage and cluster, claim the run folder, run (or continue) the Tune experiment.
+
+    Returns True when every trial finished.
+    """
+    cluster.use_auth_token(settings)  # before Ray is imported
+    from tumorseg.model import load_encoder_states
+
     check_writable(settings.storage, settings.run_dir)
+    # once, for every encoder of the space, shipped to every trial
+    encoder_states = load_encoder_states(base["encoder_weights"], space.encoders)
+    data = prepare_data(settings, space, base, restore)
+    cluster.route_ray_logs(settings.run_dir / rundir.RAY_LOG, settings.verbose)
     cluster.start_ray(settings)
     try:
         slots = place_trials(settings, base)
@@ -149,11 +161,13 @@ def place_trials(settings: SweepSettings, base: dict) -> int:
     gpus = f", {settings.gpus_per_trial:g} GPU" if settings.gpus_per_trial else ""
     print(f"sweep {settings.name}: {settings.num_samples} trials x <= {settings.epochs} epochs; {slots} at a time "
           f"({settings.cpus_per_trial:g} CPU{gpus} each, bound by {binding}); outputs in {settings.run_dir}")
+    if not settings.verbose:
+        print(f"Ray's own log: {settings.run_dir / rundir.RAY_LOG} (--verbose shows it here)")
     return slots
 
 
 def fit(settings: SweepSettings, space: SearchSpace, base: dict, data, encoder_states, slots: int, restore: bool) -> bool:
-    from search.callbacks import TrialsTableCallback
+    from search.callbacks import LiveViewCallback, TrialsTableCallback
     from search.trials import FINISHED, read_table
     from search.tuner import make_trainable, make_tuner, restore_tuner
 
@@ -161,7 +175,9 @@ def fit(settings: SweepSettings, space: SearchSpace, base: dict, data, encoder_s
     if restore:
         tuner = restore_tuner(settings, trainable)
     else:
-        tuner = make_tuner(settings, space, trainable, slots, [TrialsTableCallback(settings.run_dir, settings.epochs)])
+        callbacks = [TrialsTableCallback(settings.run_dir, settings.epochs),
+                     LiveViewCallback(settings.run_dir, settings.num_samples, settings.epochs, slots)]
+        tuner = make_tuner(settings, space, trainable, slots, callbacks)
     interrupted = False
     try:
         tuner.fit()
@@ -189,19 +205,25 @@ def finish(settings: SweepSettings, base: dict, finished: bool) -> None:
     if not finished:
         print(f"sweep interrupted: what finished is in {run_dir}/{rundir.TRIALS_CSV}; continue with "
               f"python -m search.run --name {settings.name} --storage {settings.storage} --resume", file=sys.stderr)
-        write_report(run_dir)
+        report = write_report(run_dir)
+        if report is not None:
+            print(f"report of what finished: {report}")
         upload(settings)
         raise SystemExit(130)
     if best is None:
         print("every trial failed: no best configuration (see trials.csv for the reasons)", file=sys.stderr)
     else:
-        print(f"best trial {best['trial_index']} ({best['trial_id']}): val dice {best['best_val_dice']:.4f} {best['params']}")
+        print(f"best trial_{best['trial_index']:03d}: val dice {best['best_val_dice']:.4f}")
+    summary = None
     if not settings.no_retrain:
         from search.retrain import retrain
 
-        retrain(run_dir, settings.retrain_seeds)
-    write_report(run_dir)
+        summary = retrain(run_dir, settings.retrain_seeds)
+    report = write_report(run_dir)
     upload(settings)
+    from search.live import closing_block
+
+    print(closing_block(run_dir, settings.name, settings.storage, best, summary, report))
 
 
 def upload(settings: SweepSettings) -> None:
@@ -212,15 +234,16 @@ def upload(settings: SweepSettings) -> None:
         print(f"uploaded {settings.run_dir} to {settings.ray_root}")
 
 
-def write_report(run_dir: Path) -> None:
+def write_report(run_dir: Path) -> Path | None:
     """Write the report; a failure here must not hide a finished sweep, so it is one warning line."""
     from search.report import build_report
 
     try:
-        print(f"report: {build_report(run_dir)}")
+        return build_report(run_dir)
     except Exception as err:  # noqa: BLE001 - the results are on disk; the report can be rebuilt
         print(f"warning: the report failed ({type(err).__name__}: {err}); rebuild it with "
               f"python -m search.report {run_dir}", file=sys.stderr)
+        return None
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
     splits.json        the valid/test carve by case, when the data had none (reused by resume and retrain)
     final/             the retrain stage (``search.retrain``)
     report.html        the report (``search.report``)
+    ray.log            Ray's and Optuna's own log lines (the terminal shows ``search.live``'s view)
 
 ``results/README.md`` documents each file for users. This module also holds the one trial-naming
 rule (``trial_name``: ``trial_000`` is the first trial, the seed recipe). It imports no Ray.
@@ -38,6 +39,7 @@ DATA_SUMMARY_TXT = "data_summary.txt"  # the three dataset lines the sweep print
 TUNE_DIR = "tune"  # Ray's experiment folder inside the run folder
 FINAL_DIR = "final"
 REPORT_HTML = "report.html"
+RAY_LOG = "ray.log"  # Ray's and Optuna's own log (the terminal shows the live view)
 DRIVER_FILES = (SWEEP_JSON, TRIALS_CSV, BEST_CONFIG_JSON, SPLITS_JSON, DATA_SUMMARY_TXT, FINAL_DIR)  # what --resume downloads from a URI
 
 
@@ -69,6 +71,7 @@ class SweepSettings:
     points: list[dict] | None = None  # evaluated first; None: the seed recipe
     reuse_actors: bool = True  # run the next trial in a finished trial's warm process (no re-imports)
     no_retrain: bool = False
+    verbose: bool = False  # Ray's own output on the terminal too (always in RAY_LOG)
 
     @property
     def run_dir(self) -> Path:

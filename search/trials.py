@@ -3,9 +3,11 @@
 ``search.callbacks.TrialsTableCallback`` writes it from Tune's own trial objects (``trial_row``);
 this module reads and ranks it without importing Ray, so the retrain and the report can.
 
-Statuses: ``COMPLETED`` (ran every epoch), ``STOPPED_EARLY`` (ASHA stopped it), ``FAILED``
-(non-finite loss or out of memory: recorded with its reason, not retried), ``ERROR`` (crashed
-``max_failures + 1`` times), and Tune's ``RUNNING`` / ``PENDING`` / ``PAUSED``.
+Statuses (the same words in trials.csv, the live view, the report and the README):
+``COMPLETED`` (ran every epoch), ``STOPPED_EARLY`` (ASHA stopped it), ``FAILED`` (non-finite loss
+or out of memory: recorded with its reason, not retried), ``ERROR`` (crashed ``max_failures + 1``
+times), ``INTERRUPTED`` (running when the sweep was stopped, e.g. by Ctrl-C; ``--resume`` continues
+it), and Tune's ``RUNNING`` / ``PENDING`` / ``PAUSED``.
 """
 
 from __future__ import annotations
@@ -32,11 +34,18 @@ COLUMNS = [
 FINISHED = {"COMPLETED", "STOPPED_EARLY", "FAILED", "ERROR"}
 
 
-def trial_status(tune_status: str, last_result: dict, max_epochs: int) -> str:
+def trial_status(tune_status: str, last_result: dict, max_epochs: int, interrupted: bool = False) -> str:
+    """Our status word from Tune's; ``interrupted``: the trial was still live when the sweep stopped.
+
+    Tune marks the trials it stops at the end of an interrupted experiment ``TERMINATED``, like
+    the ones ASHA stopped, so only the caller (which saw the trial finish or not) can tell them apart.
+    """
     if tune_status == "ERROR":
         return "ERROR"
     if last_result.get("failure_reason"):
         return "FAILED"
+    if interrupted:
+        return "INTERRUPTED"
     if tune_status == "TERMINATED":
         return "COMPLETED" if last_result.get("epoch", 0) >= max_epochs else "STOPPED_EARLY"
     return tune_status
@@ -51,10 +60,13 @@ def _error_line(trial) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def trial_row(trial, max_epochs: int, first_start: float | None) -> dict:
+def trial_row(trial, max_epochs: int, first_start: float | None, *, tune_status: str | None = None,
+              interrupted: bool = False) -> dict:
+    """One table row from a Tune trial; ``tune_status`` overrides ``trial.status`` (Tune calls
+    ``on_trial_complete`` before it marks the trial ``TERMINATED``)."""
     result = trial.last_result or {}
     config = trial.config or {}
-    status = trial_status(trial.status, result, max_epochs)
+    status = trial_status(tune_status or trial.status, result, max_epochs, interrupted)
     best = result.get("best_val_dice")
     reason = result.get("failure_reason") or (_error_line(trial) if status == "ERROR" else "")
     start = first_start or result.get("trial_start_ts")

@@ -89,7 +89,9 @@ def make_tuner(settings: SweepSettings, space: SearchSpace, trainable, max_concu
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest epoch's state
             callbacks=callbacks,
-            verbose=1,
+            verbose=2 if settings.verbose else 0,  # 0: search.live's view instead of Tune's status boxes
+            log_to_file=True,  # each trial's stdout/stderr in its folder (the terminal gets neither) ...
+            sync_config=tune.SyncConfig(sync_artifacts=True),  # ... copied there from Ray's session folder
         ),
     )
 

@@ -78,12 +78,44 @@ def ray_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("ray")  # short: Ray's socket paths must stay under 107 chars
 
 
+# The finished sweep's six trials, evaluated in this order (--points), so that what ASHA stops is
+# certain by construction, whatever order the trials reach a rung in: trials 0-2 are one good
+# point (identical, so equal scores: none is below another's cutoff); trials 3-5 are hopeless
+# (lr 1e-5: after one epoch still the untrained model, Dice ~0.05 vs ~0.11 for the good point).
+# With 2 trials at a time, a hopeless trial starts only after two good ones ended, so at its
+# rung (epoch 1) at least 2 good and at most 2 hopeless scores are recorded: the 2/3 quantile
+# ASHA cuts at (reduction factor 3) is a good score, and every hopeless trial is stopped there.
+GOOD_POINT = {"resize_px": 64, "loss_type": "dice", "lr": 1e-3, "warmup_epochs": 0, "weight_decay": 0.01}
+HOPELESS_POINTS = [  # different losses and decays, so the report's importances see varied parameters
+    {"resize_px": 64, "loss_type": "dice", "lr": 1e-5, "warmup_epochs": 0, "weight_decay": 0.001},
+    {"resize_px": 64, "loss_type": "dice_bce", "dice_weight": 1.0, "bce_weight": 0.5, "lr": 1.5e-5, "warmup_epochs": 1,
+     "weight_decay": 0.01},
+    {"resize_px": 64, "loss_type": "dice_focal", "dice_weight": 0.5, "focal_weight": 1.0, "focal_gamma": 2.0, "lr": 2e-5,
+     "warmup_epochs": 0, "weight_decay": 0.05},
+]
+SIX_POINTS = [GOOD_POINT] * 3 + HOPELESS_POINTS
+
+# Two device ids no CUDA device has: torch (driver and trials) sees no device, Ray schedules 2
+# logical GPUs and hands each trial one of these ids. ("" would hide the devices too, but Ray
+# refuses to start with more GPUs than CUDA_VISIBLE_DEVICES lists.)
+NO_CUDA = {"CUDA_VISIBLE_DEVICES": "-1,-2"}
+
+
 @pytest.fixture(scope="session")
 def finished_sweep(paths, tmp_path_factory):
-    """A finished 6-trial sweep (2 logical GPUs, ASHA) with retrain and report: (run_dir, proc)."""
+    """A finished 6-trial sweep (2 logical GPUs, ASHA) with retrain and report: (run_dir, proc).
+
+    The same on every machine: ``NO_CUDA`` hides every CUDA device, so the 2 GPUs are logical
+    ones, the driver warns so, and every trial trains on the CPU (identical points score alike).
+    """
+    import json
+
     ray_tmp = tmp_path_factory.mktemp("ray")
+    points = ray_tmp.parent / "six-points.json"
+    points.write_text(json.dumps(SIX_POINTS))
     args = sweep_args(paths, ray_tmp, "six", "--gpus", "2", "--num-samples", "6", "--epochs", "3",
-                      "--grace-period", "1", "--reduction-factor", "3", "--seed", "1")
-    proc = run_cli(*args, timeout=900)
+                      "--grace-period", "1", "--reduction-factor", "3", "--seed", "1", "--lr-range", "1e-5,5e-3",
+                      "--points", str(points))
+    proc = run_cli(*args, env=NO_CUDA, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return paths["storage"] / "six", proc

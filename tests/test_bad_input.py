@@ -61,36 +61,76 @@ def test_bad_data_gives_one_line_naming_the_file(case, synthetic_dir, tmp_path, 
     assert err.startswith("tumorseg.train: error: ") and message.format(root=root) in err
 
 
+# Every bad flag of every CLI, in one table: (module, args, the message of its one-line error).
 CLI_CASES = [
-    (["search.run", "--gpus", "-1"], "--gpus must be >= 0, got -1"),
-    (["search.run", "--num-samples", "0"], "--num-samples must be > 0, got 0"),
-    (["search.run", "--cpus-per-trial", "0"], "--cpus-per-trial must be > 0, got 0"),
-    (["search.run", "--max-concurrent", "-2"], "--max-concurrent must be >= 0, got -2"),
-    (["search.run", "--retrain-seeds", "0"], "--retrain-seeds must be > 0, got 0"),
-    (["search.run", "--gpus", "2", "--gpus-per-trial", "3"], "--gpus-per-trial 3 is more than --gpus 2"),
-    (["search.run", "--gpus", "4", "--gpus-per-trial", "1.5"], "--gpus-per-trial above 1 must be a whole number"),
-    (["search.run", "--loss-types", "dice,focal"], "--loss-types: ['focal']"),
-    (["search.run", "--weight-decay-range", "0.1,0.001"], "--weight-decay-range: low 0.1 > high 0.001"),
-    (["search.run", "--lr-range", "0,1e-3"], "--lr-range: a log-uniform range needs low > 0"),
-    (["search.run", "--epochs", "2", "--grace-period", "3"], "--epochs 2 is smaller than the ASHA --grace-period 3"),
-    (["search.run", "--resume", "--name", "ghost"], "--resume: no sweep named 'ghost'"),
-    (["search.run", "--data", "/no/such/folder"], "--data: folder not found: /no/such/folder"),
-    (["search.run", "--fixed", "colour=red"], "--fixed 'colour=red': expected NAME=VALUE"),
-    (["tumorseg.train", "--batch-size", "-4"], "batch_size must be > 0, got -4"),
-    (["tumorseg.train", "--epochs", "0"], "epochs must be > 0, got 0"),
-    (["tumorseg.train", "--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
-    (["search.retrain", "/no/run"], "run folder not found: /no/run"),
-    (["search.report", "/no/run"], "run folder not found: /no/run"),
+    ("search.run", ["--gpus", "-1"], "--gpus must be >= 0, got -1"),
+    ("search.run", ["--gpus", "abc"], "argument --gpus: invalid float value"),
+    ("search.run", ["--num-samples", "0"], "--num-samples must be > 0, got 0"),
+    ("search.run", ["--cpus-per-trial", "0"], "--cpus-per-trial must be > 0, got 0"),
+    ("search.run", ["--max-concurrent", "-2"], "--max-concurrent must be >= 0, got -2"),
+    ("search.run", ["--retrain-seeds", "0"], "--retrain-seeds must be > 0, got 0"),
+    ("search.run", ["--gpus", "2", "--gpus-per-trial", "3"], "--gpus-per-trial 3 is more than --gpus 2"),
+    ("search.run", ["--gpus", "4", "--gpus-per-trial", "1.5"], "--gpus-per-trial above 1 must be a whole number"),
+    ("search.run", ["--loss-types", "dice,focal"], "--loss-types: ['focal']"),
+    ("search.run", ["--lr-range", "1e-2,1e-4"], "--lr-range: low 0.01 > high 0.0001"),
+    ("search.run", ["--lr-range", "0,1e-3"], "--lr-range: a log-uniform range needs low > 0"),
+    ("search.run", ["--weight-decay-range", "0.1,0.001"], "--weight-decay-range: low 0.1 > high 0.001"),
+    ("search.run", ["--resize-choices", "100"], "--resize-choices 100: Unet-resnet18 downsamples by 32; use a multiple of 32"),
+    ("search.run", ["--archs", "PSPNet,DeepLabV3Plus", "--resize-choices", "40"], "--resize-choices 40: DeepLabV3Plus-resnet18 downsamples by 16"),
+    ("search.run", ["--archs", "Unet,FPNet"], "--archs: unknown smp architecture 'FPNet'; did you mean FPN"),
+    ("search.run", ["--encoders", "resnet18,mobilenetv2"], "--encoders: unknown smp encoder 'mobilenetv2'; did you mean mobilenet_v2"),
+    ("search.run", ["--encoder", "resnet-18"], "--encoder: unknown smp encoder 'resnet-18'; did you mean resnet18"),
+    ("search.run", ["--archs", "Unet,DPT"], "--arch DPT --encoder resnet18: smp cannot build this pair"),
+    ("search.run", ["--batch-size", "8", "--batch-sizes", "8,16"], "--batch-size fixes what --batch-sizes searches: give one of them"),
+    ("search.run", ["--aug-strengths", "1,-1"], "--aug-strengths: values must be >= 0, got -1"),
+    ("search.run", ["--fixed", "arch=FPN"], "--fixed arch: searched parameter"),
+    ("search.run", ["--epochs", "2", "--grace-period", "3"], "--epochs 2 is smaller than the ASHA --grace-period 3"),
+    ("search.run", ["--epochs", "4", "--warmup-epochs-range", "0,4"],
+     "--warmup-epochs-range 0,4: a warmup of 4 epochs never ends within --epochs 4"),
+    ("search.run", ["--fixed", "colour=red"], "--fixed 'colour=red': expected NAME=VALUE"),
+    ("search.run", ["--fixed", "lr=0.1"], "--fixed lr: searched parameter"),
+    ("search.run", ["--resume", "--name", "ghost"], "--resume: no sweep named 'ghost'"),
+    ("search.run", ["--debug", "--resume"], "--debug runs one trial in this process without Ray; it cannot --resume a sweep"),
+    ("search.run", ["--resize", "100", "--debug"], "unrecognized arguments: --resize 100"),  # no abbreviation of --resize-choices
+    ("search.run", ["--gpus", "3", "--gpus-per-trial", "3"], "--batch-size 16 must be a multiple of --gpus-per-trial 3"),
+    ("search.run", ["--data", "/no/such/folder"], "--data: folder not found: /no/such/folder"),
+    ("tumorseg.train", ["--batch-size", "-4"], "batch_size must be > 0, got -4"),
+    ("tumorseg.train", ["--epochs", "0"], "epochs must be > 0, got 0"),
+    ("tumorseg.train", ["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+    ("tumorseg.train", ["--resize", "100"], "--resize 100: Unet-resnet18 downsamples by 32; use a multiple of 32 (e.g. 96 or 128)"),
+    ("tumorseg.train", ["--arch", "DeepLabV3Plus", "--resize", "72"], "--resize 72: DeepLabV3Plus-resnet18 downsamples by 16; use a multiple of 16"),
+    ("tumorseg.train", ["--arch", "Unet++"], "--arch: unknown smp architecture 'Unet++'; did you mean Unet"),
+    ("tumorseg.train", ["--arch", "deeplabv3plus"], "--arch: unknown smp architecture 'deeplabv3plus'; did you mean DeepLabV3Plus"),
+    ("tumorseg.train", ["--encoder", "efficientnet_b0"], "--encoder: unknown smp encoder 'efficientnet_b0'; did you mean efficientnet-b0"),
+    ("tumorseg.train", ["--arch", "DPT"], "--arch DPT --encoder resnet18: smp cannot build this pair (Only Timm encoders are supported for DPT"),
+    ("tumorseg.train", ["--data", "/nonexistent/ds"], "data folder not found: /nonexistent/ds"),
+    ("tumorseg.train", ["--encoder-weights", "/no/such/file.pth"], "--encoder-weights: no such file"),
+    ("search.retrain", ["/no/run"], "run folder not found: /no/run"),
+    ("search.report", ["/no/run"], "run folder not found: /no/run"),
 ]
 
 
-@pytest.mark.parametrize("argv, message", CLI_CASES, ids=[" ".join(a) for a, _ in CLI_CASES])
-def test_bad_flags_exit_2(argv, message, tmp_path):
-    module, *args = argv
-    extra = ["--storage", str(tmp_path)] if module == "search.run" else []
-    proc = run_cli("-m", module, *args, *extra, timeout=120)
+def test_more_gpus_than_cuda_visible_devices_lists_is_one_line(paths, tmp_path):
+    proc = run_cli("-m", "search.run", "--data", str(paths["data"]), "--storage", str(tmp_path), "--gpus", "2",
+                   "--resize-choices", "64", "--encoder-weights", "none", "--no-dashboard",
+                   env={"CUDA_VISIBLE_DEVICES": "0"}, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("search.run: error: --gpus 2: CUDA_VISIBLE_DEVICES='0' lists fewer devices, "
+                                                    "and Ray gives a machine no more GPUs than it lists; lower --gpus or unset CUDA_VISIBLE_DEVICES")
+    assert not (tmp_path / "sweep.json").exists() and not any(tmp_path.glob("*/sweep.json"))
+
+
+def _where_to_write(module, tmp_path) -> list[str]:
+    """Flags that keep a CLI's output in ``tmp_path`` (the rows' own flags come after and win)."""
+    return {"search.run": ["--storage", str(tmp_path)],
+            "tumorseg.train": ["--out", str(tmp_path), "--encoder-weights", "none"]}.get(module, [])
+
+
+@pytest.mark.parametrize("module, args, message", CLI_CASES, ids=[" ".join([m, *a]) for m, a, _ in CLI_CASES])
+def test_bad_flags_exit_2_with_one_line(module, args, message, tmp_path):
+    proc = run_cli("-m", module, *_where_to_write(module, tmp_path), *args, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert message in proc.stderr
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from tumorseg.cli import ArgumentParser, add_dataclass_arguments, parse_int_list
 from tumorseg.config import TrainConfig, field_names
+from tumorseg.data import add_data_arguments
 from tumorseg.train import build_parser, config_from_args
 
 
@@ -67,4 +68,7 @@ def test_unsupported_field_type_needs_metadata_type():
 
     with pytest.raises(TypeError, match="Bad.sizes"):
         add_dataclass_arguments(argparse.ArgumentParser(), Bad)
-    assert set(field_names()) == {a.dest for a in build_parser()._actions} - {"help", "data", "out", "cache_dir", "threads"}
+    data_flags = argparse.ArgumentParser()
+    add_data_arguments(data_flags)
+    not_config = {a.dest for a in data_flags._actions} | {"help", "data", "out", "cache_dir", "threads"}
+    assert set(field_names()) == {a.dest for a in build_parser()._actions} - not_config

@@ -30,6 +30,7 @@ def _results(run_dir, trial_dir):
     return [json.loads(line) for line in (run_dir / "tune" / trial_dir / "result.json").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_crashing_trial_is_retried_then_recorded_as_failed(faulty_sweep):
     run_dir, table = faulty_sweep
     row = table.loc[3]
@@ -38,6 +39,7 @@ def test_crashing_trial_is_retried_then_recorded_as_failed(faulty_sweep):
     assert row["epochs_run"] == 1 and row["best_val_dice"] > 0  # what it did finish is kept
 
 
+@pytest.mark.slow
 def test_crashed_trial_resumes_from_its_checkpoint(faulty_sweep):
     run_dir, table = faulty_sweep
     row = table.loc[4]
@@ -49,6 +51,7 @@ def test_crashed_trial_resumes_from_its_checkpoint(faulty_sweep):
     assert resumed and resumed[0]["resumed_from_epoch"] == 2 and resumed[0]["epoch"] == 3
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_at_once_and_never_wins(faulty_sweep):
     run_dir, table = faulty_sweep
     row = table.loc[1]
@@ -58,6 +61,7 @@ def test_non_finite_loss_stops_at_once_and_never_wins(faulty_sweep):
     assert best["trial_index"] not in (1, 2, 3)
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_recorded_with_its_cause_not_retried(faulty_sweep):
     _, table = faulty_sweep
     row = table.loc[2]
@@ -65,6 +69,7 @@ def test_out_of_memory_is_recorded_with_its_cause_not_retried(faulty_sweep):
     assert row["failure_reason"] == "out of memory at resize 64, batch 8"
 
 
+@pytest.mark.slow
 def test_sweep_retrain_and_report_finish_despite_faults(faulty_sweep):
     run_dir, table = faulty_sweep
     assert set(table.loc[[0, 4, 5], "status"]) == {"COMPLETED"}
@@ -74,6 +79,7 @@ def test_sweep_retrain_and_report_finish_despite_faults(faulty_sweep):
     assert "out of memory at resize 64, batch 8" in page and "injected fault in epoch 2" in page
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_retrain_then_resume_does_only_the_missing_work(paths, ray_tmp):
     args = sweep_args(paths, ray_tmp, "retrain-int", "--num-samples", "2", "--epochs", "2", "--grace-period", "2",
                       "--retrain-seeds", "2")

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from conftest import run_cli
 
 
+@pytest.mark.slow
 def test_gpucheck_runs_on_cpu_and_writes_its_numbers(tmp_path):
     out = tmp_path / "gpu.json"
     proc = run_cli("-m", "tumorseg.gpucheck", "--device", "cpu", "--size-px", "64", "--batch", "2", "--steps", "2",

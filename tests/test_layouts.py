@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -103,6 +104,71 @@ def test_dev_data_arrays_unchanged(dev_data, tmp_path):
               for a in (split.images, split.masks, split.native_masks)]
     assert digest == ["5e22d28a24f99817", "c4d778e87cae9a51", "60959b6b967ce328"]
     assert open_dataset(dev_data).info.is_kaggle_brain_tumor
+
+
+def _rgb_pairs(root: Path, colours: list[bool], size=8) -> Path:
+    """Pairs x00.png, x01.png, ... as RGB: black (bands equal) or with three different bands."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    ramp = np.arange(size * size, dtype=np.uint8).reshape(size, size)
+    for i, colour in enumerate(colours):
+        rgb = np.stack([ramp, 255 - ramp, ramp // 2], -1) if colour else np.zeros((size, size, 3), np.uint8)
+        Image.fromarray(rgb).save(root / "images" / f"x{i:02d}.png")
+        Image.fromarray(np.eye(size, dtype=np.uint8) * 255).save(root / "masks" / f"x{i:02d}.png")
+    return root
+
+
+def test_channels_probe_past_blank_leading_images(tmp_path):
+    # first 8 black (bands equal, constant), last 4 colour: a 3-sequence dataset, not grey
+    root = _rgb_pairs(tmp_path / "ds", [False] * 8 + [True] * 4)
+    dataset = open_dataset(root, DataOptions(split_fractions=(0.5, 0.25, 0.25)))
+    assert dataset.channels == 3
+    data = load_dataset(dataset, 8, cache_dir=tmp_path / "c")
+    names = [n for s in data.values() for n in s.file_names]
+    images = np.concatenate([s.images for s in data.values()])
+    ramp = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    colour = images[[names.index(f"images/x{i:02d}.png") for i in range(8, 12)]]
+    np.testing.assert_array_equal(colour, np.broadcast_to(np.stack([ramp, 255 - ramp, ramp // 2]), colour.shape))
+
+
+def test_colour_image_in_a_grey_dataset_fails_naming_it(tmp_path):
+    root = _rgb_pairs(tmp_path / "ds", [False] * 12)
+    grey = np.repeat(np.arange(64, dtype=np.uint8).reshape(8, 8, 1), 3, -1)  # RGB of a grey ramp
+    for i in range(11):
+        Image.fromarray(grey).save(root / "images" / f"x{i:02d}.png")
+    _rgb_pairs(tmp_path / "colour", [True])
+    shutil.copy(tmp_path / "colour" / "images" / "x00.png", root / "images" / "x05.png")
+    dataset = open_dataset(root, DataOptions(split_fractions=(0.5, 0.25, 0.25)))
+    assert dataset.channels == 1  # the probes saw 8 grey images first
+    split = next(s for s in ("train", "valid", "test") if "images/x05.png" in {x.name for x in dataset.splits[s]})
+    with pytest.raises(DataError) as err:
+        load_split(dataset, split, 8, cache_dir=tmp_path / "c")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{root}/images/x05.png: the image has 3 channels but the dataset's other images are grey")
+
+
+def test_tiff_rewritten_in_place_is_not_served_stale(tmp_path):
+    # an uncompressed TIFF's size is fixed by its shape: only its time tells the cache it changed
+    root = _pairs(tmp_path, n=4)
+    for i in range(4):
+        (root / "images" / f"x{i}.png").unlink()
+        Image.fromarray(np.full((8, 8), 1000 * (i + 1), np.uint16)).save(root / "images" / f"x{i}.tif")
+    tif = root / "images" / "x0.tif"
+    options = DataOptions(split_fractions=(0.5, 0.25, 0.25))
+    dataset = open_dataset(root, options)
+    split = next(s for s in ("train", "valid", "test") if "images/x0.tif" in {x.name for x in dataset.splits[s]})
+    index = [x.name for x in dataset.splits[split]].index("images/x0.tif")
+    before = np.array(load_split(dataset, split, 8, cache_dir=tmp_path / "c").images[index])
+    stat, fingerprint = tif.stat(), dataset.info.fingerprint
+    Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 100).save(tif)
+    os.utime(tif, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a re-export, later (any clock granularity)
+    assert tif.stat().st_size == stat.st_size
+    again = open_dataset(root, options)
+    after = load_split(again, split, 8, cache_dir=tmp_path / "c").images[index]
+    np.testing.assert_array_equal(after, to_uint8(np.arange(64, dtype=np.uint16).reshape(8, 8) * 100))
+    assert not np.array_equal(before, after)
+    assert again.info.fingerprint == fingerprint  # names, sizes and labels: same data, same fingerprint
 
 
 # ----------------------------------------------------------------------------- grouped splits
@@ -248,8 +314,13 @@ def test_split_fractions_must_sum_to_one():
 
 def test_split_that_would_be_empty(tmp_path):
     root = _pairs(tmp_path, n=2)
-    with pytest.raises(DataError, match=r"the (valid|test) split would be empty \(2 image\(s\) in 2 case\(s\)"):
+    with pytest.raises(DataError, match=r"^default split 0.7,0.15,0.15: the valid split would be empty \(2 image\(s\) "
+                                        r"in 2 case\(s\) to carve from\); pass --group-by REGEX"):
         open_dataset(root)
+    more = _pairs(tmp_path / "more")
+    with pytest.raises(DataError, match=r"^--split 1,0,0: the valid split would be empty \(8 image\(s\) in 8 case\(s\) "
+                                        r"to carve from\); pass --split with larger valid and test fractions$"):
+        open_dataset(more, DataOptions(split_fractions=(1, 0, 0)))
 
 
 def test_nnunet_channel_file_missing(tmp_path_factory, tmp_path):

@@ -21,6 +21,7 @@ def _copy(run_dir, tmp_path, name):
     return target
 
 
+@pytest.mark.slow
 def test_report_from_finished_sweep_matches_its_files(finished_sweep):
     run_dir, _ = finished_sweep
     page = build_report(run_dir).read_text()
@@ -38,6 +39,7 @@ def test_report_from_finished_sweep_matches_its_files(finished_sweep):
     assert "python -m search.run" in page and "segmentation-models-pytorch" in page
 
 
+@pytest.mark.slow
 def test_report_from_interrupted_sweep_says_what_is_missing(finished_sweep, tmp_path):
     run_dir = _copy(finished_sweep[0], tmp_path, "interrupted")
     shutil.rmtree(run_dir / "final")
@@ -51,6 +53,7 @@ def test_report_from_interrupted_sweep_says_what_is_missing(finished_sweep, tmp_
     assert "Learning curves" in page and "Resource timeline" in page
 
 
+@pytest.mark.slow
 def test_report_when_every_trial_failed(finished_sweep, tmp_path):
     run_dir = _copy(finished_sweep[0], tmp_path, "all-failed")
     shutil.rmtree(run_dir / "final")
@@ -65,6 +68,7 @@ def test_report_when_every_trial_failed(finished_sweep, tmp_path):
     assert "training loss became non-finite" in page
 
 
+@pytest.mark.slow
 def test_report_of_a_sweep_that_never_started(finished_sweep, tmp_path):
     run_dir = tmp_path / "empty"
     run_dir.mkdir()
@@ -78,6 +82,7 @@ def test_report_cli_bad_folder(tmp_path):
     assert proc.returncode == 2 and "run folder not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_importances_are_optunas_on_the_same_trials(finished_sweep):
     run_dir, _ = finished_sweep
     table = pd.read_csv(run_dir / "trials.csv")
@@ -99,12 +104,14 @@ def test_importances_are_optunas_on_the_same_trials(finished_sweep):
     assert "fANOVA: " + ", ".join(f"{k} {v:.3f}" for k, v in expected.items()) in page
 
 
+@pytest.mark.slow
 def test_report_is_self_contained(finished_sweep):
     page = (finished_sweep[0] / "report.html").read_text()
     assert not re.search(r"<(script|link|img|iframe)[^>]+(src|href)=[\"']?https?://", page)
     assert "cdn.plot.ly/plotly" not in page.split("</head>")[1]
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(finished_sweep):
     chromium = shutil.which("chromium")
     if chromium is None:

@@ -1,5 +1,6 @@
 """The sweep: search space, CLI validation, debug mode, a real ASHA sweep, retrain, resume."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 
 import conftest
 from conftest import ROOT, run_cli, sweep_args
-from search.space import LOSS_PARAMS, SearchSpace, define_by_run, fit_to_budget, seed_point
+from search.space import LOSS_PARAMS, SearchSpace, applicable_params, define_by_run, fit_to_budget, seed_point
 from tumorseg.errors import ConfigError
 
 # ----------------------------------------------------------------------------- the space
@@ -139,35 +140,7 @@ def test_report_and_retrain_import_without_ray():
 # ----------------------------------------------------------------------------- CLI validation
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--gpus", "-1"], "--gpus must be >= 0, got -1"),
-        (["--num-samples", "0"], "--num-samples must be > 0, got 0"),
-        (["--gpus", "2", "--gpus-per-trial", "3"], "--gpus-per-trial 3 is more than --gpus 2"),
-        (["--epochs", "1", "--grace-period", "2"], "--epochs 1 is smaller than the ASHA --grace-period 2"),
-        (["--lr-range", "1e-2,1e-4"], "--lr-range: low 0.01 > high 0.0001"),
-        (["--resize-choices", "100"], "--resize-choices 100: Unet-resnet18 downsamples by 32; use a multiple of 32"),
-        (["--archs", "PSPNet,DeepLabV3Plus", "--resize-choices", "40"], "--resize-choices 40: DeepLabV3Plus-resnet18 downsamples by 16"),
-        (["--archs", "Unet,FPNet"], "--archs: unknown smp architecture 'FPNet'; did you mean FPN"),
-        (["--encoders", "resnet18,mobilenetv2"], "--encoders: unknown smp encoder 'mobilenetv2'; did you mean mobilenet_v2"),
-        (["--encoder", "resnet-18"], "--encoder: unknown smp encoder 'resnet-18'; did you mean resnet18"),
-        (["--archs", "Unet,DPT"], "--arch DPT --encoder resnet18: smp cannot build this pair"),
-        (["--batch-size", "8", "--batch-sizes", "8,16"], "--batch-size fixes what --batch-sizes searches: give one of them"),
-        (["--aug-strengths", "1,-1"], "--aug-strengths: values must be >= 0, got -1"),
-        (["--fixed", "arch=FPN"], "--fixed arch: searched parameter"),
-        (["--fixed", "batch_szie=4"], "--fixed 'batch_szie=4': expected NAME=VALUE"),
-        (["--fixed", "lr=0.1"], "--fixed lr: searched parameter"),
-        (["--gpus", "abc"], "argument --gpus: invalid float value"),
-        (["--resume", "--name", "never-ran"], "--resume: no sweep named 'never-ran'"),
-        (["--epochs", "4", "--warmup-epochs-range", "0,4"], "--warmup-epochs-range 0,4: a warmup of 4 epochs never ends within --epochs 4"),
-    ],
-)
-def test_bad_flags_exit_2_with_one_line(args, message, tmp_path):
-    proc = run_cli("-m", "search.run", "--storage", str(tmp_path), *args, timeout=60)
-    assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+# (bad flags: the one table in test_bad_input.py)
 
 
 def test_a_run_that_fails_on_its_data_does_not_claim_its_name(paths, tmp_path):
@@ -180,12 +153,6 @@ def test_a_run_that_fails_on_its_data_does_not_claim_its_name(paths, tmp_path):
     assert not (tmp_path / "results" / "first" / "sweep.json").exists()
     retry = run_cli(*args, timeout=120)  # the same name again: the data error, not "already holds a sweep"
     assert retry.returncode == 2 and "already holds a sweep" not in retry.stderr and retry.stderr == proc.stderr
-
-
-def test_unknown_space_name_in_file_exits_2(tmp_path):
-    (tmp_path / "space.json").write_text('{"resize_choise": [64]}')
-    proc = run_cli("-m", "search.run", "--storage", str(tmp_path), "--space", str(tmp_path / "space.json"), timeout=60)
-    assert proc.returncode == 2 and "unknown search-space name(s) resize_choise" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- debug mode
@@ -207,6 +174,7 @@ def test_trials_table_keeps_all_digit_trial_ids_as_text(tmp_path):
     assert json.loads((tmp_path / "best_config.json").read_text())["trial_id"] == "24503672"
 
 
+@pytest.mark.slow
 def test_debug_mode_runs_one_trial_without_ray(paths, tmp_path):
     code = (
         "import sys; from search.run import main; "
@@ -222,30 +190,47 @@ def test_debug_mode_runs_one_trial_without_ray(paths, tmp_path):
 # ----------------------------------------------------------------------------- a real sweep
 
 
+@pytest.mark.slow
 def test_sweep_stops_weak_trials_and_records_every_trial(finished_sweep):
     run_dir, proc = finished_sweep
-    table = pd.read_csv(run_dir / "trials.csv")
+    table = pd.read_csv(run_dir / "trials.csv").set_index("trial_index")
     assert len(table) == 6 and table["trial_id"].is_unique
-    assert list(table["trial_index"]) == list(range(6))
-    assert set(table["status"]) <= {"COMPLETED", "STOPPED_EARLY"}
-    stopped = table[table["status"] == "STOPPED_EARLY"]
-    assert len(stopped) >= 1 and (stopped["epochs_run"] < 3).all()
-    assert (table.loc[table["status"] == "COMPLETED", "epochs_run"] == 3).all()
-    assert set(table["gpu_ids"].astype(str)) <= {"0", "1"}  # two logical GPUs, one per trial
+    assert list(table.index) == list(range(6))
+    for index, point in enumerate(conftest.SIX_POINTS):  # --points are evaluated first, in order
+        assert applicable_params(table.loc[index].to_dict()) == pytest.approx(point)
+    # the construction's premise (see conftest.SIX_POINTS): equal good scores, hopeless ones below them
+    first_epoch = {i: _results(run_dir, table.loc[i, "trial_dir"])[0]["best_val_dice"] for i in range(6)}
+    assert first_epoch[0] == first_epoch[1] == first_epoch[2], first_epoch
+    assert max(first_epoch[i] for i in (3, 4, 5)) < first_epoch[0], first_epoch
+    # ASHA stopped exactly the hopeless trials, at its first rung; the good ones ran every epoch
+    assert list(table["status"]) == ["COMPLETED"] * 3 + ["STOPPED_EARLY"] * 3
+    assert list(table["epochs_run"]) == [3, 3, 3, 1, 1, 1]
+    assert set(table["gpu_ids"].astype(str)) == {"-1", "-2"}  # two logical GPUs, one per trial (conftest.NO_CUDA)
     assert table["node_id"].notna().all() and (table["wall_time_s"] > 0).all()
-    assert "2 logical GPU(s)" in proc.stderr  # this machine has no CUDA device
+    assert "but this machine sees 0 CUDA device(s)" in proc.stderr and "gets 2 logical GPU(s)" in proc.stderr
 
 
-def test_seed_recipe_is_trial_zero(finished_sweep):
-    run_dir, _ = finished_sweep
-    first = pd.read_csv(run_dir / "trials.csv").iloc[0]
+def _results(run_dir, trial_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "tune" / trial_dir / "result.json").read_text().splitlines()]
+
+
+def test_seed_recipe_is_the_first_point_unless_points_are_given():
+    from search.rundir import SweepSettings
+    from search.tuner import make_searcher
+
     space, _ = fit_to_budget(SearchSpace(resize_choices=[64], lr_range=(1e-3, 5e-3)), epochs=3, grace_period=1, explicit=False)
     point, _ = seed_point(space)
-    assert first["trial_index"] == 0 and point["warmup_epochs"] == 1  # fitted to the grace period
-    for name, value in point.items():
-        assert first[name] == pytest.approx(value) if isinstance(value, float) else first[name] == value
+    assert point["warmup_epochs"] == 1 and point["lr"] == 1e-3  # fitted to the grace period and the range
+    settings = SweepSettings(name="x", num_samples=6, epochs=3, grace_period=1, seed=1)
+    searcher = make_searcher(settings, space, max_concurrent=2)
+    assert searcher.suggest("t0") == point
+    assert searcher.suggest("t1") != point  # then TPE's own start-up points
+    points = [dict(point, lr=2e-3), dict(point, lr=4e-3)]
+    searcher = make_searcher(dataclasses.replace(settings, points=points), space, max_concurrent=2)
+    assert [searcher.suggest("t0"), searcher.suggest("t1")] == points
 
 
+@pytest.mark.slow
 def test_best_config_retrained_and_scored_once_on_test(finished_sweep):
     run_dir, _ = finished_sweep
     table = pd.read_csv(run_dir / "trials.csv")
@@ -267,6 +252,7 @@ def test_best_config_retrained_and_scored_once_on_test(finished_sweep):
     assert all(len(list(d.glob("checkpoint_*"))) <= 1 for d in trial_dirs)
 
 
+@pytest.mark.slow
 def test_same_name_without_resume_is_refused(finished_sweep, paths, tmp_path):
     proc = run_cli(*sweep_args(paths, tmp_path, "six"), timeout=60)
     assert proc.returncode == 2
@@ -276,11 +262,13 @@ def test_same_name_without_resume_is_refused(finished_sweep, paths, tmp_path):
 # ----------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 def test_resume_refuses_flags_that_would_change_the_sweep(finished_sweep, paths, tmp_path):
-    proc = run_cli(*sweep_args(paths, tmp_path, "six", "--resume", "--num-samples", "9", "--lr-range", "1e-3,5e-3"), timeout=120)
+    proc = run_cli(*sweep_args(paths, tmp_path, "six", "--resume", "--num-samples", "9", "--epochs", "3"), timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "--resume continues the sweep as it was created, so --num-samples cannot change" in proc.stderr
-    assert "--lr-range" not in proc.stderr.split("cannot change")[0]  # repeated with its own value: fine
+    # --epochs 3 is the sweep's own value (fine); the sweep's --lr-range, given again by sweep_args
+    # with another value, is a change too
+    assert "--resume continues the sweep as it was created, so --lr-range, --num-samples cannot change" in proc.stderr
 
 
 def _free_port() -> int:
@@ -297,6 +285,7 @@ def _finished_trials(run_dir):
     return table[table["status"].isin(["COMPLETED", "STOPPED_EARLY"])]
 
 
+@pytest.mark.slow
 def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_path):
     port = _free_port()
     args = sweep_args(paths, ray_tmp, "resumable", "--gpus", "2", "--num-samples", "6", "--epochs", "3", "--grace-period", "3")
@@ -334,6 +323,7 @@ def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_pat
         assert after.set_index("trial_id").loc[tid, "best_val_dice"] == pytest.approx(row["best_val_dice"])
 
 
+@pytest.mark.slow
 def test_trials_use_the_drivers_encoder_weights_and_never_fetch(paths, tmp_path, monkeypatch):
     """The driver resolves weights once; a trial asked for ImageNet weights on an offline node
     trains from the tensors it was handed (the hub is never consulted)."""

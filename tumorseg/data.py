@@ -7,13 +7,14 @@
 ``open_dataset`` detects the layout (``tumorseg.layouts``: coco, pairs, nnunet), lists the samples
 (reading file headers only), and carves missing valid/test splits by case (``tumorseg.splits``).
 The channel count follows the data (``tumorseg.imageio``): nnU-Net channel files, or the bands of
-the images, where a colour image whose bands are equal counts as grey.
+the images, where a colour image whose bands are equal counts as grey (decided from every header
+and probes spread over the dataset; the cache build refuses a colour image in a grey dataset).
 
 Each split is decoded and resized once per size, then kept in an on-disk cache of ``.npy`` files
 keyed by the split's content (image names and sizes, labels, the options that change pixels) and
-opened memory-mapped, so later runs and trials never decode an image. Validation and test also
-keep their masks at native resolution (bit-packed), since metrics are computed there; that needs
-one native size per split.
+its files' modification times, and opened memory-mapped, so later runs and trials never decode an
+image. Validation and test also keep their masks at native resolution (bit-packed), since metrics
+are computed there; that needs one native size per split.
 
 ``python -m tumorseg.data DIR`` describes a dataset (``tumorseg.inspect_data``).
 """
@@ -35,13 +36,14 @@ import numpy as np
 
 from tumorseg.coco import ANNOTATIONS, ImageRecord, rasterize, read_split  # noqa: F401 (re-exported)
 from tumorseg.errors import ConfigError, DataError
-from tumorseg.imageio import NORMALISATION, bands_equal, decode_channels, decode_gray, read_mask, read_pixels, resize_mask
+from tumorseg.imageio import NORMALISATION, bands_equal, check_gray, decode_channels, decode_gray, read_mask, read_pixels, resize_mask
 from tumorseg.layouts import LAYOUTS, Sample, read_layout
 from tumorseg.splits import DEFAULT_FRACTIONS, SPLITS, carve, check_fractions, parse_fractions, read_splits, write_splits
 
 CACHE_VERSION = 2  # bump when the cached arrays' meaning changes
 SPLITS_JSON = "splits.json"  # the carve, as written into a run folder
 SYNTHETIC_MARKER = ".tumorseg-synthetic"  # written by tumorseg.synthetic into every layout it writes
+GREY_PROBES = 8  # non-constant multi-band images decoded to decide grey (equal bands) or colour, by majority
 
 
 # ----------------------------------------------------------------------------- options
@@ -131,7 +133,7 @@ class DatasetInfo:
     path: str
     name: str  # the folder's name, or "built-in synthetic"
     layout: str
-    fingerprint: str  # content hash of every split (names, sizes, labels, options)
+    fingerprint: str  # content hash of every split (names, sizes, labels, options; not file times)
     channels: int
     split_sizes: dict[str, int]
     splits_from: str  # "data" (its own split folders), "carved" (by case, now) or "file" (--splits / a run's splits.json)
@@ -177,14 +179,14 @@ def open_dataset(data_dir: Path, options: DataOptions = DataOptions()) -> Datase
                     raise DataError(
                         f"split folder missing: {root / split} (or pass --split TRAIN,VALID,TEST to carve it from train)"
                     )
-        fractions = options.split_fractions or DEFAULT_FRACTIONS
-        splits, carved = carve(read.pools, fractions, seed=options.split_seed, group_by=options.group_by)
-    contents = {s: _split_content(root, splits[s]) for s in SPLITS}  # also: every file is there
+        splits, carved = carve(read.pools, options.split_fractions, seed=options.split_seed, group_by=options.group_by)
+    contents = {s: _split_content(root, splits[s]) for s in SPLITS}  # (content, mtimes); also: every file is there
     channels = len(read.channel_names) if read.channel_names else _channels(root, splits)
     dataset = Dataset(root, read.layout, splits, channels, options, carved, read.skipped_unlabelled,
                       read.label_values, read.channel_names)
-    dataset.split_keys = {s: _split_key(dataset, s, contents[s]) for s in SPLITS}
-    digest = hashlib.sha256("".join(dataset.split_keys[s] for s in SPLITS).encode()).hexdigest()[:16]
+    dataset.split_keys = {s: _split_key(dataset, s, *contents[s]) for s in SPLITS}
+    content_keys = "".join(_split_key(dataset, s, contents[s][0]) for s in SPLITS)  # a copy keeps its fingerprint
+    digest = hashlib.sha256(content_keys.encode()).hexdigest()[:16]
     synthetic = (root / SYNTHETIC_MARKER).is_file()
     dataset.info = DatasetInfo(
         path=str(root.resolve()),
@@ -205,49 +207,76 @@ def _is_kaggle_export(root: Path) -> bool:
 
 
 def _channels(root: Path, splits: dict[str, list[Sample]]) -> int:
-    """1 when every image has one band or equal bands (probed on a few), else the images' bands."""
+    """1 when the images have one band or equal bands, else the bands of the colour images.
+
+    Headers say which images have several bands; of those, up to ``GREY_PROBES`` non-constant
+    probes spread over the whole dataset (``_spread``) are decoded and the majority decides, so
+    blank edge slices (constant: skipped) or one corrupt file cannot decide for the rest. The cache
+    build checks every image against the decision (``decode_sample``), so the minority is never
+    silently converted: it fails with its file named.
+    """
     samples = [s for split in SPLITS for s in splits[split]]
     multi = [s for s in samples if s.bands is None or s.bands > 1]
-    if not multi:
+    grey, colour = 0, []
+    for sample in _spread(multi):
+        pixels = read_pixels(root / sample.images[0])
+        if pixels.min() == pixels.max():
+            continue
+        if bands_equal(pixels):
+            grey += 1
+        else:
+            colour.append((sample, pixels.shape[2]))
+        if grey + len(colour) == GREY_PROBES:
+            break
+    if len(colour) <= grey:
         return 1
-    probes = [read_pixels(root / s.images[0]) for s in multi[:4]]
-    if all(bands_equal(p) for p in probes):
-        return 1
-    channels = next(p.shape[2] for p in probes if p.ndim == 3)
+    example, channels = colour[0]
     for sample in samples:
         if sample.bands == 1:  # other mismatches are caught when decoding
             raise DataError(
                 f"{root / sample.images[0]} has {sample.bands} channel(s) but the dataset's images have "
-                f"{channels} (e.g. {root / multi[0].images[0]})"
+                f"{channels} (e.g. {root / example.images[0]})"
             )
     return channels
 
 
-def _split_content(root: Path, samples: list[Sample]) -> bytes:
-    """Digest of what a split holds: image names and sizes, and its labels (mask bytes or polygons)."""
-    digest = hashlib.sha256()
+def _spread(items: list) -> list:
+    """``items`` reordered so that any prefix is spread over the whole list (bit-reversed indices:
+    0, 1/2, 1/4, 3/4, ... of the way through), not bunched at its start."""
+    bits = max(len(items) - 1, 0).bit_length()
+    reverse = lambda i: int(f"{i:0{bits}b}"[::-1], 2) if bits else 0  # noqa: E731
+    return [items[i] for i in sorted(range(len(items)), key=reverse)]
+
+
+def _split_content(root: Path, samples: list[Sample]) -> tuple[bytes, bytes]:
+    """Digests of what a split holds: image names and sizes, and its labels (mask bytes or polygons);
+    and of its files' modification times (an uncompressed TIFF re-exported in place keeps its size)."""
+    content, mtimes = hashlib.sha256(), hashlib.sha256()
     for sample in samples:
-        digest.update(f"|{sample.name}".encode())
+        content.update(f"|{sample.name}".encode())
         for rel in sample.images:
-            digest.update(f":{_file_size(root / rel)}".encode())
+            stat = _stat(root / rel)
+            content.update(f":{stat.st_size}".encode())
+            mtimes.update(f":{stat.st_mtime_ns}".encode())
         if sample.polygons is not None:
-            digest.update(repr((sample.hw, sample.polygons)).encode())
+            content.update(repr((sample.hw, sample.polygons)).encode())
         else:
-            digest.update(_read_bytes(root / sample.mask))
-    return digest.digest()
+            content.update(_read_bytes(root / sample.mask))
+            mtimes.update(f"|{_stat(root / sample.mask).st_mtime_ns}".encode())
+    return content.digest(), mtimes.digest()
 
 
-def _split_key(dataset: Dataset, split: str, content: bytes) -> str:
-    """Cache key of one split: its content and the options that change its arrays."""
+def _split_key(dataset: Dataset, split: str, content: bytes, mtimes: bytes = b"") -> str:
+    """Cache key of one split: its content (and file times) and the options that change its arrays."""
     digest = hashlib.sha256(f"tumorseg-cache-v{CACHE_VERSION}|{dataset.layout}|{split}".encode())
     digest.update(f"|channels {dataset.channels}|labels {dataset.options.labels}|{NORMALISATION}|".encode())
-    digest.update(content)
+    digest.update(content + mtimes)
     return digest.hexdigest()[:16]
 
 
-def _file_size(path: Path) -> int:
+def _stat(path: Path) -> os.stat_result:
     try:
-        return path.stat().st_size
+        return path.stat()
     except FileNotFoundError:
         raise DataError(f"image listed in {ANNOTATIONS} but missing: {path}") from None
     except (OSError, ValueError) as err:
@@ -267,14 +296,22 @@ def _read_bytes(path: Path) -> bytes:
 def decode_sample(dataset: Dataset, sample: Sample, size_px: int | None) -> np.ndarray:
     """uint8 ``(S, S)`` for one channel, ``(C, S, S)`` for more (``size_px`` None: native)."""
     root = dataset.root
-    if dataset.channels == 1:
-        return decode_gray(root / sample.images[0], size_px, sample.hw)
-    if len(sample.images) > 1:  # one file per channel (nnU-Net)
-        return np.stack([decode_gray(root / rel, size_px, sample.hw) for rel in sample.images])
+    if dataset.channels == 1 or len(sample.images) > 1:  # one grey file per channel
+        grey = []
+        for rel in sample.images:
+            check_gray(root / rel, _why_grey(dataset))
+            grey.append(decode_gray(root / rel, size_px, sample.hw))
+        return grey[0] if dataset.channels == 1 else np.stack(grey)
     image = decode_channels(root / sample.images[0], size_px)
     if image.shape[0] != dataset.channels:
         raise DataError(f"{root / sample.images[0]} has {image.shape[0]} channel(s) but the dataset has {dataset.channels}")
     return image
+
+
+def _why_grey(dataset: Dataset) -> str:
+    if dataset.channel_names:
+        return f"{dataset.root / 'dataset.json'} gives one grey file per channel"
+    return "the dataset's other images are grey, so it was read as 1 channel (mixed grey and colour is not supported)"
 
 
 def sample_mask(dataset: Dataset, sample: Sample, hw: tuple[int, int] | None = None) -> np.ndarray:

@@ -249,7 +249,8 @@ EpochCallback = Callable[[dict, Callable[[], dict]], None]
 def with_progress_bar(loader, epoch: int, cfg: TrainConfig):
     from tqdm.auto import tqdm
 
-    return tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
+    # disable=None: no bar when stderr is not a terminal (logs, CI, Ray workers)
+    return tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False, disable=None)
 
 
 def final_model(accelerator, model, best_weights: dict | None) -> torch.nn.Module:
@@ -276,7 +277,7 @@ def train(
     ``on_epoch(metrics, state_fn)`` is called after every epoch; ``state_fn()`` returns the full
     resumable state (pass it back as ``resume_state`` to continue from that epoch).
     ``encoder_state`` overrides ``cfg.encoder_weights`` (a driver resolves weights once).
-    ``progress`` shows a per-batch progress bar (debug mode).
+    ``progress`` shows a per-batch progress bar on a terminal (the CLIs, the retrain, debug mode).
     """
     from accelerate.utils import set_seed
 

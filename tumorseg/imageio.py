@@ -124,8 +124,14 @@ def bands_equal(array: np.ndarray, tolerance: int = 2) -> bool:
     """Whether every band of an ``(H, W, C)`` image equals the first (a grey image stored as colour)."""
     if array.ndim == 2:
         return True
-    first = array[..., :1].astype(np.int64)
-    return bool(np.abs(array.astype(np.int64) - first).max() <= tolerance)
+    if array.dtype.kind in "ib":  # signed (a difference could overflow) or bool (no subtraction)
+        array = array.astype(np.int64)
+    first = array[..., 0]
+    for c in range(1, array.shape[2]):  # |band - first| as max - min: no wrap-around, no wide copy
+        band = array[..., c]
+        if (np.maximum(band, first) - np.minimum(band, first)).max() > tolerance:
+            return False
+    return True
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:
@@ -186,14 +192,20 @@ def decode_channels(path: Path, size_px: int | None) -> np.ndarray:
     return np.stack([_resize_band(np.ascontiguousarray(array[..., c]), size_px) for c in range(array.shape[2])])
 
 
+def check_gray(path: Path, expected: str) -> None:
+    """A DataError (one line) when ``path`` is a colour image (bands that differ) where one channel
+    is ``expected``: converting it to luma would silently drop what its bands hold."""
+    header = read_header(path)
+    if header.bands > 1 and not bands_equal(read_pixels(path)):
+        raise DataError(f"{path}: the image has {header.bands} channels but {expected}")
+
+
 def decode_for_model(path: Path, size_px: int | None, channels: int) -> np.ndarray:
     """One image file for a model taking ``channels`` channels, decoded as in training: uint8
     ``(S, S)`` or ``(C, S, S)``; a DataError (one line) when the file has another channel count."""
     path = Path(path)
-    header = read_header(path)
     if channels == 1:
-        if header.bands > 1 and not bands_equal(read_pixels(path)):
-            raise DataError(f"{path}: the image has {header.bands} channels but the model takes 1")
+        check_gray(path, "the model takes 1")
         return decode_gray(path, size_px)
     image = decode_channels(path, size_px)
     if image.shape[0] != channels:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tumorseg.coco import ANNOTATIONS, read_split
@@ -59,7 +59,6 @@ class LayoutRead:
     label_values: tuple[int, ...] | None = None  # labels the dataset declares (dataset.json)
     channel_names: tuple[str, ...] | None = None
     skipped_unlabelled: int = 0
-    label_files: list[Path] = field(default_factory=list)  # annotation/dataset JSONs (fingerprinted)
 
 
 def split_dir(root: Path, split: str) -> Path | None:
@@ -112,14 +111,13 @@ def read_layout(root: Path, layout: str, *, allow_unlabelled: bool = False) -> L
 
 
 def _read_coco(root: Path, allow_unlabelled: bool) -> LayoutRead:
-    pools, files = {}, []
+    pools = {}
     for split in SPLIT_DIRS:
         folder = split_dir(root, split)
         if folder is None:
             continue
         if not (folder / ANNOTATIONS).is_file():
             raise DataError(f"annotation file not found: {folder / ANNOTATIONS}")
-        files.append(folder / ANNOTATIONS)
         pools[split] = [
             Sample(
                 name=f"{folder.name}/{r.file_name}",
@@ -134,7 +132,7 @@ def _read_coco(root: Path, allow_unlabelled: bool) -> LayoutRead:
         ]
     if not pools:
         raise DataError(f"split folder missing: {root / 'train'} (expected {', '.join(SPLIT_DIRS)} under {root})")
-    return LayoutRead("coco", pools, label_files=files)
+    return LayoutRead("coco", pools)
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -237,7 +235,7 @@ def _read_nnunet(root: Path, allow_unlabelled: bool) -> LayoutRead:
     if (root / "imagesTs").is_dir() and (root / "labelsTs").is_dir():
         pools["test"], n = _read_nnunet_pool(root, "imagesTs", "labelsTs", ending, len(channel_names), allow_unlabelled)
         skipped += n
-    return LayoutRead("nnunet", pools, label_values, channel_names, skipped, [path])
+    return LayoutRead("nnunet", pools, label_values, channel_names, skipped)
 
 
 def _read_nnunet_pool(root, images_name, labels_name, ending, n_channels, allow_unlabelled):

@@ -38,12 +38,15 @@ def main(argv=None) -> None:
     with exit_on_user_error("tumorseg.predict"):
         model, cfg, _ = load_model(args.model)
         args.out.mkdir(parents=True, exist_ok=True)
-        for path in args.images:
+        from tqdm.auto import tqdm
+
+        images = tqdm(args.images, desc="predict", unit="image", disable=None if len(args.images) > 1 else True)
+        for path in images:
             mask = predict_file(model, cfg, path)
             Image.fromarray(mask * 255).save(args.out / f"{path.stem}_mask.png")
             native = decode_for_model(path, None, in_channels(model))
             overlay(native, np.zeros_like(mask), mask).save(args.out / f"{path.stem}_overlay.png")
-            print(f"{path}: {int(mask.sum())} tumour pixels -> {args.out}")
+            images.write(f"{path}: {int(mask.sum())} tumour pixels -> {args.out}")
 
 
 if __name__ == "__main__":

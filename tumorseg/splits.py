@@ -61,9 +61,12 @@ def case_of(sample: Sample, group_by: re.Pattern | None) -> str:
 
 
 def carve(
-    pools: dict[str, list[Sample]], fractions=DEFAULT_FRACTIONS, *, seed: int = 0, group_by: str | None = None
+    pools: dict[str, list[Sample]], fractions=None, *, seed: int = 0, group_by: str | None = None
 ) -> tuple[dict[str, list[Sample]], bool]:
-    """``({split: samples}, carved)``: the data's own splits, the missing ones carved by case."""
+    """``({split: samples}, carved)``: the data's own splits, the missing ones carved by case
+    (``fractions`` None: ``DEFAULT_FRACTIONS``, the user gave no ``--split``)."""
+    flag = f"--split {','.join(f'{v:g}' for v in fractions)}" if fractions is not None else None
+    fractions = DEFAULT_FRACTIONS if fractions is None else fractions
     check_fractions(tuple(fractions))
     pattern = None
     if group_by is not None:
@@ -96,9 +99,11 @@ def carve(
         have[k] += len(cases[case])
     for split in SPLITS:
         if not out[split]:
+            hint = ("pass --group-by REGEX if the file names tell more cases apart" if len(cases) < 3
+                    else "pass --split with larger valid and test fractions")
             raise DataError(
-                f"--split {','.join(f'{v:g}' for v in fractions)}: the {split} split would be empty "
-                f"({len(pool)} image(s) in {len(cases)} case(s) to carve from)"
+                f"{flag or 'default split ' + ','.join(map(str, DEFAULT_FRACTIONS))}: the {split} split would be "
+                f"empty ({len(pool)} image(s) in {len(cases)} case(s) to carve from); {hint}"
             )
     return {s: sorted(out[s], key=lambda x: x.name) for s in SPLITS}, True
 

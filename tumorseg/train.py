@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(args.threads)
         from tumorseg.data import load_dataset, open_dataset, report_duplicates
 
+        from tumorseg.sanity import data_warnings, print_warnings, warmup_warnings
+
+        print_warnings(warmup_warnings(cfg.warmup_epochs, cfg.epochs))
         options = DataOptions.from_args(args)
         data_dir = resolve_data_dir(args.data)
         encoder_state = load_encoder_state(cfg.encoder_weights, cfg.encoder)  # fail fast, before any decoding
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         data = load_dataset(dataset, cfg.resize_px, cache_dir=args.cache_dir)
         print(f"data ready in {time.perf_counter() - t0:.1f}s: " + ", ".join(f"{k} {len(v)}" for k, v in data.items()))
         report_duplicates(data, print)
-        result = train(cfg, data, encoder_state=encoder_state)
+        print_warnings(data_warnings(data["train"], [cfg.resize_px], cfg.batch_size))
+        result = train(cfg, data, encoder_state=encoder_state, progress=True)
         metrics, _ = write_run_outputs(args.out, result, cfg, data["test"], dataset.info)
         test, seed = metrics["test"], metrics.get("seed_reported_test")
         print(

@@ -38,13 +38,36 @@ def pick_spread(scores: np.ndarray, count: int) -> list[int]:
     return [int(order[p]) for p in positions]
 
 
+def wrap_to_width(draw: ImageDraw.ImageDraw, text: str, width_px: int) -> list[str]:
+    """``text`` broken into lines no wider than ``width_px`` (at spaces, or mid-word for long names)."""
+    lines, line = [], ""
+    for char in text:
+        if draw.textlength(line + char) > width_px and line:
+            cut = line.rfind(" ")
+            lines.append(line[:cut] if cut > 0 else line)
+            line = (line[cut + 1:] if cut > 0 else "") + char
+        else:
+            line += char
+    return lines + [line] if line else lines
+
+
+def caption(tile: Image.Image, text: str, margin_px: int = 4) -> None:
+    """Yellow text on a dark band at the top of ``tile``, wrapped so it never runs off the edge."""
+    draw = ImageDraw.Draw(tile)
+    lines = wrap_to_width(draw, text, tile.width - 2 * margin_px)
+    line_px = 11
+    draw.rectangle((0, 0, tile.width, margin_px + line_px * len(lines)), fill=(0, 0, 0))
+    for k, line in enumerate(lines):
+        draw.text((margin_px, margin_px // 2 + k * line_px), line, fill=(255, 255, 0))
+
+
 def prediction_tiles(model, split: Split, cfg: TrainConfig, indices: list[int], labels: list[str]) -> list[Image.Image]:
     """Overlays at training resolution, predicted with ``cfg.threshold`` (``tumorseg.inference``)."""
     masks = predict_masks(model, split.images[indices], cfg)
     tiles = []
     for i, index in enumerate(indices):
         tile = overlay(split.images[index], split.masks[index], masks[i]).resize((192, 192), Image.Resampling.NEAREST)
-        ImageDraw.Draw(tile).text((4, 4), labels[i], fill=(255, 255, 0))
+        caption(tile, labels[i])
         tiles.append(tile)
     return tiles
 

@@ -6,7 +6,10 @@
 - ``crash@E:T``: trial T raises once, after reporting epoch E, on its first attempt (the retry
   resumes from the checkpoint);
 - ``nan:T``: a learning rate that makes the loss non-finite;
-- ``oom:T``: CUDA out of memory in the first epoch.
+- ``oom:T``: CUDA out of memory in the first epoch;
+- ``hold@E:node_N``: a trial's first attempt on the Ray node with resource ``node_N`` (worker N of
+  launch/local-cluster.sh), after reporting epoch E (with its checkpoint), writes
+  ``$TUMORSEG_FAULT_DIR/held-<trial index>`` and waits there, mid-training, until its node is killed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 
 FAULT_ENV = "TUMORSEG_INJECT_FAULT"
+FAULT_DIR_ENV = "TUMORSEG_FAULT_DIR"
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -29,9 +33,34 @@ def injected_faults(trial_index) -> dict[str, int]:
     for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
         kind, _, trial = spec.partition(":")
         kind, _, epoch = kind.partition("@")
-        if trial_index is not None and int(trial) == trial_index:
+        if trial_index is not None and trial.isdigit() and int(trial) == trial_index:
             faults[kind] = int(epoch or 1)
     return faults
+
+
+def holds() -> dict[str, int]:
+    """The ``hold`` faults asked for: ``{node resource: epoch}``."""
+    specs = (spec.partition(":") for spec in os.environ.get(FAULT_ENV, "").split(",") if spec.startswith("hold@"))
+    return {node: int(kind.partition("@")[2]) for kind, _, node in specs}
+
+
+def _hold_here(metrics: dict, trial_index, restore_state) -> None:
+    """Block this trial for good (see ``hold`` above) if it is asked for here and now."""
+    epochs = holds()
+    if restore_state is not None or metrics["epoch"] not in epochs.values():
+        return
+    import threading
+
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    resources = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == node_id)
+    if any(node in resources and metrics["epoch"] == epoch for node, epoch in epochs.items()):
+        marker = os.path.join(os.environ[FAULT_DIR_ENV], f"held-{trial_index}")
+        with open(marker + ".tmp", "w") as f:
+            f.write(node_id)
+        os.replace(marker + ".tmp", marker)  # appears complete
+        threading.Event().wait()  # until the node's processes are killed
 
 
 def install() -> None:
@@ -53,7 +82,8 @@ def install() -> None:
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
             if "raise" in faults and metrics["epoch"] >= faults["raise"]:
                 raise RuntimeError(f"injected fault in epoch {metrics['epoch']} ({FAULT_ENV})")
-            report(metrics, checkpoint_fn)
+            report(metrics, checkpoint_fn)  # returns once the driver has taken the result
+            _hold_here(metrics, (extra or {}).get("trial_index"), restore_state)
             if "crash" in faults and metrics["epoch"] == faults["crash"] and restore_state is None:
                 raise RuntimeError(f"injected one-off crash after epoch {metrics['epoch']} ({FAULT_ENV})")
 
