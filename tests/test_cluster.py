@@ -168,7 +168,8 @@ def _head_node_id(cluster) -> str:
 
 def _single_trial(paths, ray_tmp, name, gpus, gpus_per_trial):
     args = sweep_args(paths, ray_tmp, name, "--gpus", str(gpus), "--gpus-per-trial", str(gpus_per_trial),
-                      "--cpus-per-trial", "2", "--num-samples", "1", "--epochs", "2", "--grace-period", "2", "--no-retrain", *FIXED)
+                      "--cpus-per-trial", "2", "--num-samples", "1", "--epochs", "2", "--grace-period", "2", "--no-retrain",
+                      "--num-workers", "0", *FIXED)  # the same (in-process) augmentation stream for 1 and 2 workers
     proc = run_cli(*args, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = paths["storage"] / name
