@@ -113,10 +113,10 @@ class LiveViewCallback(Callback):
         self.__init__(*state["args"])
 
     def _show(self, trial, status: str | None = None, tune_status: str | None = None, interrupted: bool = False,
-              header: bool = False) -> None:
+              header: bool = False, result: dict | None = None) -> None:
         from search.live import trial_line
 
-        row = trial_row(trial, self.max_epochs, None, tune_status=tune_status, interrupted=interrupted)
+        row = trial_row(trial, self.max_epochs, None, tune_status=tune_status, interrupted=interrupted, result=result)
         if trial.trial_id in self._live and row["status"] in FINISHED | {"INTERRUPTED"}:
             self._live.discard(trial.trial_id)
         self.progress.update(trial.trial_id, str(trial), row)
@@ -133,7 +133,7 @@ class LiveViewCallback(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("epoch", 0) > 0:  # an epoch's result, not the trial's start-up report
-            self._show(trial)
+            self._show(trial, result=result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._show(trial, tune_status="TERMINATED", header=True)

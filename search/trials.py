@@ -61,10 +61,11 @@ def _error_line(trial) -> str:
 
 
 def trial_row(trial, max_epochs: int, first_start: float | None, *, tune_status: str | None = None,
-              interrupted: bool = False) -> dict:
+              interrupted: bool = False, result: dict | None = None) -> dict:
     """One table row from a Tune trial; ``tune_status`` overrides ``trial.status`` (Tune calls
-    ``on_trial_complete`` before it marks the trial ``TERMINATED``)."""
-    result = trial.last_result or {}
+    ``on_trial_complete`` before it marks the trial ``TERMINATED``) and ``result`` its last result
+    (Tune calls ``on_trial_result`` before it updates ``trial.last_result``)."""
+    result = result if result is not None else (trial.last_result or {})
     config = trial.config or {}
     status = trial_status(tune_status or trial.status, result, max_epochs, interrupted)
     best = result.get("best_val_dice")

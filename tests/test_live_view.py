@@ -129,3 +129,16 @@ def test_ctrl_c_marks_running_trials_interrupted_in_trials_csv(paths, ray_tmp):
     statuses = set(pd.read_csv(csv)["status"])
     assert "INTERRUPTED" in statuses and "STOPPED_EARLY" not in statuses, statuses
     assert "INTERRUPTED" in stdout and "--name ctrl-c" in stderr and "--resume" in stderr
+
+
+def test_live_view_shows_the_result_being_reported_not_the_previous_one(tmp_path):
+    """Tune calls on_trial_result before it updates trial.last_result: the line must show the new epoch."""
+    from search.callbacks import LiveViewCallback
+
+    lines = []
+    live = LiveViewCallback(tmp_path, total_trials=1, max_epochs=4, slots=1, print_fn=lines.append)
+    trial = FakeTrial(name="trial_000", trial_id="a0", status="RUNNING", last_result={"params_m": 14.3},
+                      config={"resize_px": 64, "loss_type": "dice", "lr": 1e-3, "warmup_epochs": 0, "weight_decay": 1e-4})
+    live.on_trial_result(0, [trial], trial, {"params_m": 14.3})  # the start-up report: no line
+    live.on_trial_result(0, [trial], trial, {"epoch": 1, "val_dice": 0.3, "best_val_dice": 0.3})
+    assert len(lines) == 1 and lines[0].startswith("trial_000 RUNNING        epoch 1/4  val_dice 0.3000  best 0.3000")

@@ -461,7 +461,7 @@ def _build_sized(dataset: Dataset, split: str, size_px: int, out: Path, workers:
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         jobs = pool.map(work, range(len(samples)))
         desc = f"caching {split} at {size_px}px"
-        for _ in tqdm(jobs, total=len(samples), desc=desc, unit="img", file=sys.stderr, mininterval=1.0):
+        for _ in tqdm(jobs, total=len(samples), desc=desc, unit="img", file=sys.stderr, mininterval=1.0, disable=None):
             pass
     images.flush()
     masks.flush()

@@ -248,6 +248,8 @@ def ensure_synthetic(spec: SyntheticSpec = SyntheticSpec(), root: Path | None = 
             tmp.rename(target)
         except OSError:  # written meanwhile by another process
             shutil.rmtree(tmp, ignore_errors=True)
+    if not (target / SYNTHETIC_MARKER).is_file():  # written by a version before the marker existed
+        (target / SYNTHETIC_MARKER).write_text(json.dumps(asdict(spec)) + "\n")
     return target
 
 
