@@ -85,6 +85,14 @@ def _cv2_header(path: Path) -> ImageHeader | None:
     return ImageHeader(array.shape[:2], bands, array.dtype.itemsize * 8, f"cv2-{array.dtype}x{bands}")
 
 
+def _tiff_fallback(path: Path, err: Exception, what: str) -> np.ndarray:
+    """A TIFF that PIL cannot read (e.g. float or 16-bit multi-band) through OpenCV; else the error, one line."""
+    array = _cv2_read(path) if path.suffix.lower() in (".tif", ".tiff") else None
+    if array is None:
+        raise DataError(f"{path}: unreadable or truncated {what} ({err})") from None
+    return array
+
+
 def _cv2_read(path: Path) -> np.ndarray | None:
     import cv2
 
@@ -114,10 +122,7 @@ def read_pixels(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except _READ_ERRORS as err:
-        array = _cv2_read(path) if path.suffix.lower() in (".tif", ".tiff") else None
-        if array is None:
-            raise DataError(f"{path}: unreadable or truncated image ({err})") from None
-        return array
+        return _tiff_fallback(path, err, "image")
 
 
 def bands_equal(array: np.ndarray, tolerance: int = 2) -> bool:
@@ -224,10 +229,7 @@ def read_mask(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise DataError(f"mask not found: {path}") from None
     except _READ_ERRORS as err:
-        array = _cv2_read(path) if path.suffix.lower() in (".tif", ".tiff") else None
-        if array is None:
-            raise DataError(f"{path}: unreadable or truncated mask ({err})") from None
-        mode, fmt = "cv2", "TIFF"
+        array, mode, fmt = _tiff_fallback(path, err, "mask"), "cv2", "TIFF"
     if array.ndim == 3:
         if not bands_equal(array, tolerance=0 if fmt != "JPEG" else 2):
             raise DataError(f"{path}: colour mask (its bands differ); expected a one-band label image")
