@@ -14,6 +14,8 @@ Prints a table (numbers, not pass/fail; targets in brackets):
    epochs consumed and best val Dice [>= 2.5x fewer epochs, best within 0.01];
 4. memory: peak RSS of a trial at 256 px batch 16 on CPU, and of a driver holding the dataset in
    the object store, with the store's usage before and after trials read it [each resize once].
+
+``--scale``: the orchestration of 100-2,000 simulated trials on 64 logical GPUs (``search.bench_scale``).
 """
 
 from __future__ import annotations
@@ -189,6 +191,11 @@ def memory(data: Path, sizes: str, out: Path) -> dict:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--scale" in argv:  # its own flags: python -m search.bench --scale --help
+        from search.bench_scale import main as scale_main
+
+        return scale_main([a for a in argv if a != "--scale"])
     p = ArgumentParser(prog="search.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller K, N and epochs (about 10 minutes on 2 cores)")
     p.add_argument("--data", type=Path, default=None, help="dataset (default: the built-in synthetic set)")

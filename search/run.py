@@ -166,12 +166,14 @@ def place_trials(settings: SweepSettings, base: dict) -> int:
     return slots
 
 
-def fit(settings: SweepSettings, space: SearchSpace, base: dict, data, encoder_states, slots: int, restore: bool) -> bool:
+def fit(settings: SweepSettings, space: SearchSpace, base: dict, data, encoder_states, slots: int, restore: bool,
+        code: dict | None = None) -> bool:
+    """Run (or continue) the Tune experiment; ``code``: see ``search.tuner.make_trainable``."""
     from search.callbacks import LiveViewCallback, TrialsTableCallback
     from search.trials import FINISHED, read_table
     from search.tuner import make_trainable, make_tuner, restore_tuner
 
-    trainable = make_trainable(settings, base, data, encoder_states)
+    trainable = make_trainable(settings, base, data, encoder_states, code)
     if restore:
         tuner = restore_tuner(settings, trainable)
     else:

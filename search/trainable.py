@@ -67,16 +67,20 @@ def run_trial(
     extra: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
     progress: bool = False,
+    threads: float | None = None,
 ) -> None:
     """Train ``base`` + ``params`` and report each epoch; ``extra`` is added to every report.
 
     ``encoder_states``: ``{encoder: tensors}`` the driver resolved for every encoder of the space
     (``tumorseg.model.load_encoder_states``); the trial takes its encoder's. Every report carries
-    the model's cost (``params_m``, ``gflops`` per image at the trial's resize).
+    the model's cost (``params_m``, ``gflops`` per image at the trial's resize). ``threads``:
+    torch's intra-op threads in this process (None: leave them as they are).
     """
     from tumorseg.engine import NonFiniteLossError, TrainingOOMError, train
     from tumorseg.model import cost, create_model
 
+    if threads is not None:
+        _set_threads(threads)
     cfg = TrainConfig.from_dict({**base, **params})
     split = data[cfg.resize_px]["train"]
     extra = {**cost(create_model(None, split.channels, cfg.arch, cfg.encoder), cfg.resize_px), **(extra or {})}
@@ -113,16 +117,17 @@ def load_state(directory: Path) -> dict:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def restored_state(checkpoint) -> dict | None:
+def restored_state(checkpoint, load=load_state) -> dict | None:
     """The resumable state in a Tune/Train checkpoint (None: a fresh start)."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
-        return load_state(directory)
+        return load(directory)
 
 
-def checkpointing_report(report_fn, checkpoint_cls, may_checkpoint: bool = True) -> Report:
-    """A ``Report`` over Ray's ``report_fn`` that saves the state as a ``checkpoint_cls`` when asked.
+def checkpointing_report(report_fn, checkpoint_cls, may_checkpoint: bool = True, save=save_state) -> Report:
+    """A ``Report`` over Ray's ``report_fn`` that saves the state (``save(state, directory)``) as a
+    ``checkpoint_cls`` when asked.
 
     ``may_checkpoint=False`` (a non-zero rank) only reports, never building the state.
     """
@@ -132,18 +137,22 @@ def checkpointing_report(report_fn, checkpoint_cls, may_checkpoint: bool = True)
             report_fn(metrics)
             return
         with tempfile.TemporaryDirectory() as directory:
-            save_state(checkpoint_fn(), directory)
+            save(checkpoint_fn(), directory)
             report_fn(metrics, checkpoint=checkpoint_cls.from_directory(directory))
 
     return report
 
 
 def tune_trainable(params: dict, *, base: dict, data_ref, encoder_states=None, threads: float = 1,
-                   workers: int = 1, storage: str | None = None) -> None:
+                   workers: int = 1, storage: str | None = None, run=None, save=None, load=None) -> None:
     """The function Ray Tune runs per trial (bound with ``tune.with_parameters``).
 
     ``data_ref`` is ``{"ref": ObjectRef}`` of the ``load_search_data`` dict, put in the object
     store once by the driver; ``ray.get`` gives every trial (and every worker) zero-copy views.
+    ``run`` trains (default ``run_trial``, looked up when the trial starts) and ``save``/``load``
+    write and read its resumable state in a checkpoint folder (default ``save_state``/``load_state``:
+    torch files); ``search.bench_scale`` passes a calibrated sleep and JSON state instead, to measure
+    the orchestration of thousands of trials without training.
     """
     import ray
     from ray import tune
@@ -158,10 +167,11 @@ def tune_trainable(params: dict, *, base: dict, data_ref, encoder_states=None, t
         train_storage = os.path.join(storage, trial_dir) if storage else context.get_trial_dir()
         _run_train_workers(params, base, data_ref, encoder_states, threads, workers, extra, train_storage)
         return
-    _set_threads(threads)
     extra.update(_placement())
-    run_trial(params, base=base, data=ray.get(data_ref["ref"]), report=checkpointing_report(tune.report, tune.Checkpoint),
-              restore_state=restored_state(tune.get_checkpoint()), encoder_states=encoder_states, extra=extra)
+    report = checkpointing_report(tune.report, tune.Checkpoint, save=save or save_state)
+    (run or run_trial)(params, base=base, data=ray.get(data_ref["ref"]), report=report, threads=threads,
+                       restore_state=restored_state(tune.get_checkpoint(), load or load_state), encoder_states=encoder_states,
+                       extra=extra)
 
 
 def _set_threads(threads: float) -> None:
@@ -220,7 +230,6 @@ def train_worker(config: dict) -> None:
 
     import torch
 
-    _set_threads(round(config["threads"]))
     if not torch.cuda.is_available():
         # Ray Train tells Accelerate to use cuda:<local rank> (ACCELERATE_TORCH_DEVICE) even for
         # logical GPUs; on a worker without CUDA the device is the CPU (gloo process group)
@@ -230,7 +239,8 @@ def train_worker(config: dict) -> None:
     # every rank reports (a collective); rank 0 alone builds and hands over the checkpoint
     report = checkpointing_report(train.report, train.Checkpoint, may_checkpoint=context.get_world_rank() == 0)
     run_trial(config["params"], base=config["base"], data=ray.get(config["data_ref"]["ref"]), report=report,
-              restore_state=restored_state(train.get_checkpoint()), encoder_states=config["encoder_states"], extra=extra)
+              restore_state=restored_state(train.get_checkpoint()), encoder_states=config["encoder_states"], extra=extra,
+              threads=round(config["threads"]))
 
 
 # ----------------------------------------------------------------------------- process-group backend

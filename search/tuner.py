@@ -54,8 +54,11 @@ def make_scheduler(settings: SweepSettings):
                          grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
 
 
-def make_trainable(settings: SweepSettings, base: dict, data, encoder_states):
-    """The trainable with its shared inputs bound (data through the object store, once) and its resources."""
+def make_trainable(settings: SweepSettings, base: dict, data, encoder_states, code: dict | None = None):
+    """The trainable with its shared inputs bound (data through the object store, once) and its resources.
+
+    ``code``: ``tune_trainable``'s ``run``/``save``/``load`` replacements (``search.bench_scale``).
+    """
     import ray
     from ray import tune
 
@@ -66,7 +69,7 @@ def make_trainable(settings: SweepSettings, base: dict, data, encoder_states):
     # GPUs and CPUs; Ray needs a non-empty request, so the coordinator takes a token share of CPU
     resources = {"cpu": COORDINATOR_CPUS} if workers > 1 else {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
     bound = tune.with_parameters(tune_trainable, base=base, data_ref={"ref": ray.put(data)}, encoder_states=encoder_states,
-                                 threads=settings.cpus_per_trial, workers=workers, storage=settings.tune_path)
+                                 threads=settings.cpus_per_trial, workers=workers, storage=settings.tune_path, **(code or {}))
     return tune.with_resources(bound, resources)
 
 

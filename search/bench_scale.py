@@ -1,0 +1,463 @@
+"""``python -m search.bench --scale``: the sweep's orchestration at 100-2,000 trials on 64 simulated GPUs.
+
+    python -m search.bench --scale [--trials 100,500,2000] [--nodes 1] [--gpus 64] [--epoch-s 3]
+
+**It measures orchestration, not training.** Every trial runs the real trainable
+(``search.trainable.tune_trainable``: Tune's context, the data from the object store, one report and
+one checkpoint per epoch through ``checkpointing_report``) with the model (``run_trial``) replaced by
+a calibrated sleep (``sleep_trial``) and its state written as a small JSON file instead of a torch
+file, so 64 trial processes fit on a 2-core box (a torch import is ~290 MB per process). The driver
+is ``search.run``'s own: the same settings, searcher (Optuna TPE), ASHA scheduler, callbacks
+(trials.csv, the live view) and report, attached to a local Ray cluster of ``--nodes`` nodes with
+``--gpus`` logical GPUs in all (``launch/local-cluster.sh``).
+
+Per N it prints: driver CPU seconds per trial result, wall time against the ideal (sum of sleeps /
+slots) and slot utilisation, the driver's peak RSS, trials.csv writes (count, time, size), Tune's
+experiment-state snapshots, the searcher's proposals per second, report build time and HTML size,
+the importance time, and the checkpoint bytes left on disk. Targets in brackets (issue 15).
+
+The sleep of epoch e of a trial is ``--epoch-s`` x its resize's pixel share (mean 1 over the
+choices) x a per-(trial, epoch) jitter in 0.8-1.2; its validation Dice is a smooth function of
+the sampled parameters that rises with the epoch, plus noise, so TPE and ASHA have structure to act
+on. Shorten ``--epoch-s``, not the trials, to make it faster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STATE_JSON = "state.json"
+HEAD_PORT, NODE_PORT_BASE = 6445, 25000  # away from the tests' clusters (6390-6401, 21000-23300)
+
+
+# ----------------------------------------------------------------------------- the simulated trial
+
+
+def _unit(*key) -> float:
+    """A deterministic number in [0, 1) from ``key`` (same on every node and run)."""
+    return int(hashlib.blake2b(repr(key).encode(), digest_size=8).hexdigest(), 16) / 2**64
+
+
+def epoch_sleep_s(params: dict, trial: int, epoch: int, epoch_s: float, resize_choices: list[int]) -> float:
+    """How long epoch ``epoch`` of a trial sleeps: bigger images take longer (pixel count)."""
+    mean_area = statistics.fmean(r * r for r in resize_choices)
+    return epoch_s * params["resize_px"] ** 2 / mean_area * (0.8 + 0.4 * _unit("sleep", trial, epoch))
+
+
+def simulated_dice(params: dict, trial: int, epoch: int) -> float:
+    """A validation Dice with structure: best near lr 5e-4, a little better at bigger sizes and
+    small weight decay, rising with the epoch, with per-epoch noise."""
+    lr_fit = math.exp(-((math.log10(params["lr"]) + 3.3) ** 2) / 0.5)
+    quality = 0.35 + 0.45 * lr_fit + 0.05 * params["resize_px"] / 512 - 0.02 * abs(math.log10(params["weight_decay"]) + 3) / 2
+    return max(0.0, quality * (1 - math.exp(-epoch / 5)) + 0.02 * (_unit("dice", trial, epoch) - 0.5))
+
+
+def sleep_trial(params: dict, *, base: dict, data, report, restore_state: dict | None = None, extra: dict | None = None,
+                epoch_s: float = 1.0, resize_choices: list[int] = (256,), checkpoint_kb: int = 16, **_) -> None:
+    """``run_trial``'s stand-in: per epoch, sleep, then report metrics and a checkpoint of ``checkpoint_kb``."""
+    extra = {**(extra or {}), "params_m": 14.33, "gflops": 21.7 * (params["resize_px"] / 256) ** 2}
+    trial = int(extra.get("trial_index") or 0)
+    first = restore_state["epoch"] + 1 if restore_state else 1
+    best = restore_state["best_val_dice"] if restore_state else 0.0
+    if restore_state:
+        extra["resumed_from_epoch"] = restore_state["epoch"]
+    for epoch in range(first, base["epochs"] + 1):
+        started = time.time()
+        slept = epoch_sleep_s(params, trial, epoch, epoch_s, list(resize_choices))
+        time.sleep(slept)
+        dice = simulated_dice(params, trial, epoch)
+        best = max(best, dice)
+        metrics = {"epoch": epoch, "val_dice": dice, "best_val_dice": best, "val_loss": 1 - dice, "train_loss": 1 - dice,
+                   "lr": params["lr"], "slept_s": slept, "first_step_ts": started,
+                   "train_images_per_s": 16 / slept if slept else 0.0}
+        state = {"epoch": epoch, "best_val_dice": best, "padding": "0" * (checkpoint_kb * 1024)}
+        report({**metrics, **extra}, lambda state=state: state)
+
+
+def save_json_state(state: dict, directory) -> None:
+    Path(directory, STATE_JSON).write_text(json.dumps(state))
+
+
+def load_json_state(directory) -> dict:
+    return json.loads(Path(directory, STATE_JSON).read_text())
+
+
+def trial_code(epoch_s: float, resize_choices: list[int], checkpoint_kb: int) -> dict:
+    """``tune_trainable``'s run/save/load for the simulation (see ``search.tuner.make_trainable``)."""
+    run = functools.partial(sleep_trial, epoch_s=epoch_s, resize_choices=list(resize_choices), checkpoint_kb=checkpoint_kb)
+    return {"run": run, "save": save_json_state, "load": load_json_state}
+
+
+# ----------------------------------------------------------------------------- driver measurements
+
+
+class Timers:
+    """Cumulative wall time and call counts of wrapped functions (the bench's own instrumentation)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._undo: list = []
+
+    def wrap(self, owner, name: str, label: str | None = None, after=None) -> None:
+        label = label or name
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
+                self.calls[label] = self.calls.get(label, 0) + 1
+                if after is not None:
+                    after(*args, **kwargs)
+
+        setattr(owner, name, timed)
+        self._undo.append((owner, name, original))
+
+    def restore(self) -> None:
+        for owner, name, original in reversed(self._undo):
+            setattr(owner, name, original)
+        self._undo.clear()
+
+    def line(self, label: str) -> str:
+        n = self.calls.get(label, 0)
+        s = self.seconds.get(label, 0.0)
+        return f"{n} calls, {s:.2f} s in all, {1000 * s / max(1, n):.2f} ms each"
+
+
+class PeakRss:
+    """The process's resident memory, sampled every ``interval_s`` while running."""
+
+    def __init__(self, interval_s: float = 0.25):
+        self.interval_s = interval_s
+        self.peak_mib = self.now_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def now_mib() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_mib = max(self.peak_mib, self.now_mib())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def processes_cpu_s(env_entry: str) -> dict[str, float]:
+    """CPU seconds so far of the processes whose environment holds ``env_entry``, by kind."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in pids_with_env(env_entry):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kind = next((k for k in ("raylet", "gcs_server", "ray::ImplicitFunc", "ray::IDLE") if k in cmdline), "other Ray processes")
+        kind = {"ray::ImplicitFunc": "trial workers", "ray::IDLE": "trial workers"}.get(kind, kind)
+        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def du_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# ----------------------------------------------------------------------------- the cluster
+
+
+@contextlib.contextmanager
+def local_cluster(nodes: int, gpus: int, temp_dir: Path):
+    """``nodes`` Ray nodes on this machine (head + nodes-1 workers), ``gpus/nodes`` logical GPUs and as
+    many logical CPUs each (one CPU per trial, as ``search.run`` derives it on a GPU node)."""
+    per_node = gpus // nodes
+    env = {**os.environ, "TUMORSEG_HEAD_PORT": str(HEAD_PORT), "TUMORSEG_NODE_PORT_BASE": str(NODE_PORT_BASE),
+           "TUMORSEG_RAY_TEMP_DIR": str(temp_dir), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    script = str(ROOT / "launch" / "local-cluster.sh")
+    t0 = time.perf_counter()
+    proc = subprocess.run([script, "start", str(nodes - 1), str(per_node), str(per_node)], check=False, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        subprocess.run([script, "stop"], check=False, capture_output=True, env=env)
+        raise SystemExit(f"search.bench --scale: the local Ray cluster did not start:\n{proc.stdout}{proc.stderr}")
+    try:
+        yield {"address": f"127.0.0.1:{HEAD_PORT}", "start_s": time.perf_counter() - t0}
+    finally:
+        subprocess.run([script, "stop"], check=False, capture_output=True, env=env)
+        # Ray's agents rename themselves (ray::DashboardAgent) and the client server's command line
+        # names neither the port nor the folder: end what is left by the environment they inherited
+        for pid in pids_with_env(f"TUMORSEG_RAY_TEMP_DIR={temp_dir}"):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def pids_with_env(entry: str) -> list[int]:
+    """This user's processes whose environment holds ``entry`` (``NAME=value``)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append(int(proc.name))
+    return found
+
+
+# ----------------------------------------------------------------------------- one sweep
+
+
+def sweep_args(n: int, gpus: int, epochs: int, grace: int, reduction: float, storage: Path, name: str, address: str) -> list[str]:
+    return ["--address", address, "--gpus", str(gpus), "--num-samples", str(n), "--epochs", str(epochs),
+            "--grace-period", str(grace), "--reduction-factor", str(reduction), "--storage", str(storage), "--name", name,
+            "--no-retrain", "--no-dashboard", "--encoder-weights", "none", "--seed", "0"]
+
+
+def instrument(timers: Timers, writes: list) -> None:
+    """Time the driver's parts that grow with the number of trials (wrapping, not changing, them)."""
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.search import ConcurrencyLimiter
+
+    from search import callbacks
+
+    def record_write(rows, path):
+        writes.append(Path(path).stat().st_size)
+
+    timers.wrap(callbacks, "write_table", "trials.csv writes", after=record_write)
+    timers.wrap(callbacks.TrialsTableCallback, "_write", "TrialsTableCallback (rows + write)")
+    timers.wrap(callbacks.LiveViewCallback, "_show", "live view lines")
+    timers.wrap(ConcurrencyLimiter, "suggest", "searcher suggest")
+    timers.wrap(ConcurrencyLimiter, "on_trial_complete", "searcher on_trial_complete")
+    timers.wrap(ConcurrencyLimiter, "on_trial_result", "searcher on_trial_result")
+    timers.wrap(TuneController, "save_to_dir", "experiment-state snapshots")
+    timers.wrap(TuneController, "_process_trial_result", "Tune: process a result (scheduler, callbacks, searcher)")
+
+
+def run_sweep(n: int, address: str, gpus: int, out: Path, epoch_s: float, epochs: int, grace: int, reduction: float,
+              checkpoint_kb: int, temp_dir: Path, max_s: float | None = None) -> dict:
+    """One simulated sweep of ``n`` trials through ``search.run``'s driver code; its measurements."""
+    from search import cluster, rundir
+    from search.cli import build_parser, settings_from_args
+    from search.run import fit, place_trials
+    from search.trials import read_table
+    from search.tuner import sampler_settings
+
+    name = f"scale-{n}"
+    argv = sweep_args(n, gpus, epochs, grace, reduction, out, name, address)
+    settings, space, base, notes = settings_from_args(build_parser().parse_args(argv))
+    cluster.use_auth_token(settings)
+    run_dir = settings.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cluster.route_ray_logs(run_dir / rundir.RAY_LOG, False)
+    with contextlib.redirect_stdout(open(run_dir / "driver.txt", "w")):
+        cluster.start_ray(settings)
+        slots = place_trials(settings, base)
+    rundir.write_sweep_json(run_dir, settings, space, base, notes=notes, sampler=sampler_settings(settings), argv=argv)
+    code = trial_code(epoch_s, space.resize_choices, checkpoint_kb)
+    data = {"note": "the simulated trials read no data"}
+    timers, writes = Timers(), []
+    instrument(timers, writes)
+    marker = f"TUMORSEG_RAY_TEMP_DIR={temp_dir}"
+    ray_cpu_before = processes_cpu_s(marker)
+    cpu0, t0 = cpu_s(), time.perf_counter()
+    # a time cap: Tune stops gracefully on SIGINT (unfinished trials: INTERRUPTED)
+    cap = threading.Timer(max_s, os.kill, (os.getpid(), signal.SIGINT)) if max_s else None
+    if cap:
+        cap.start()
+    try:
+        with PeakRss() as rss, open(run_dir / "live.txt", "w") as live, contextlib.redirect_stdout(live):
+            fit(settings, space, base, data, None, slots, restore=False, code=code)
+    finally:
+        timers.restore()
+        if cap:
+            cap.cancel()
+    wall = time.perf_counter() - t0
+    driver_cpu = cpu_s() - cpu0
+    ray_cpu = {k: v - ray_cpu_before.get(k, 0.0) for k, v in processes_cpu_s(marker).items()}
+    import ray
+
+    ray.shutdown()
+
+    table = read_table(run_dir)
+    results = int(table["epochs_run"].sum())
+    slept = sum(sum(epoch_sleep_s(row, int(row["trial_index"]), e, epoch_s, space.resize_choices) for e in range(1, int(row["epochs_run"]) + 1))
+                for row in table.to_dict("records"))
+    timed = table.dropna(subset=["start_ts", "end_ts"])
+    span = timed["end_ts"].max() - timed["start_ts"].min()
+    busy = (timed["end_ts"] - timed["start_ts"]).clip(lower=0).sum()
+    # steady state: from the moment every slot first held a trial to the moment the last trial started
+    starts = timed["start_ts"].sort_values()
+    steady_from, steady_to = starts.iloc[min(slots, len(starts)) - 1], starts.iloc[-1]
+    steady = _busy_between(timed, steady_from, steady_to) / (slots * (steady_to - steady_from)) if steady_to > steady_from else float("nan")
+    checkpoints = list((run_dir / rundir.TUNE_DIR).glob("*/checkpoint_*"))
+    measured = {
+        "n": n, "slots": slots, "results": results, "statuses": table["status"].value_counts().to_dict(),
+        "wall_s": wall, "ideal_s": slept / slots, "sum_sleep_s": slept,
+        "utilisation": busy / (slots * span) if span > 0 else float("nan"), "steady_utilisation": steady,
+        "driver_cpu_s": driver_cpu, "driver_ms_per_result": 1000 * driver_cpu / max(1, results),
+        "driver_peak_rss_mib": rss.peak_mib, "ray_cpu_s": ray_cpu,
+        "csv_writes": len(writes), "csv_final_kib": writes[-1] / 1024 if writes else 0.0, "csv_written_mib": sum(writes) / 2**20,
+        "checkpoints_left": len(checkpoints), "checkpoint_bytes_left": sum(du_bytes(c) for c in checkpoints),
+        "timers": {label: {"calls": timers.calls[label], "s": timers.seconds[label]} for label in timers.calls},
+        "live_lines": len((run_dir / "live.txt").read_text().splitlines()),
+    }
+    measured.update(report_and_importance(run_dir, space))
+    return measured
+
+
+def _busy_between(timed, start: float, end: float) -> float:
+    return (timed["end_ts"].clip(upper=end) - timed["start_ts"].clip(lower=start)).clip(lower=0).sum()
+
+
+def report_and_importance(run_dir: Path, space) -> dict:
+    from search.report import build_report, importances, rebuild_study
+    from search.trials import read_table
+
+    t0 = time.perf_counter()
+    study = rebuild_study(read_table(run_dir), space)
+    importances(study)
+    importance_s = time.perf_counter() - t0
+    cpu0, t0 = cpu_s(), time.perf_counter()
+    path = build_report(run_dir)
+    return {"importance_s": importance_s, "report_s": time.perf_counter() - t0, "report_cpu_s": cpu_s() - cpu0,
+            "report_mib": path.stat().st_size / 2**20}
+
+
+def searcher_rate(n: int, slots: int) -> dict:
+    """The searcher alone (search.tuner.make_searcher, ``slots`` trials in flight): ms per proposal
+    over the first and the last tenth of ``n`` trials, and proposals per second over all of them."""
+    import random
+
+    from search.cli import build_parser, settings_from_args
+    from search.tuner import METRIC, make_searcher
+
+    settings, space, _, _ = settings_from_args(build_parser().parse_args(["--num-samples", str(n), "--encoder-weights", "none"]))
+    searcher = make_searcher(settings, space, slots)
+    searcher.set_search_properties(METRIC, "max", {})
+    rng, live, times = random.Random(0), [], []
+    for i in range(n):
+        t0 = time.perf_counter()
+        searcher.suggest(f"t{i}")
+        times.append(time.perf_counter() - t0)
+        live.append(f"t{i}")
+        if len(live) >= slots:
+            searcher.on_trial_complete(live.pop(rng.randrange(len(live))), {METRIC: rng.random(), "epoch": 2})
+    tenth = max(1, n // 10)
+    return {"first_ms": 1000 * statistics.fmean(times[:tenth]), "last_ms": 1000 * statistics.fmean(times[-tenth:]),
+            "per_s": n / sum(times)}
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def print_sweep(r: dict, epoch_s: float, nodes: int) -> None:
+    t = r["timers"]
+    ms = lambda label: 1000 * t.get(label, {}).get("s", 0.0) / max(1, r["results"])
+    print(f"N={r['n']}: {r['results']} results from {r['n']} trials ({', '.join(f'{v} {k}' for k, v in r['statuses'].items())}), "
+          f"{r['slots']} slots on {nodes} node(s), mean epoch sleep {epoch_s:g} s")
+    print(f"  driver CPU {r['driver_cpu_s']:.1f} s = {r['driver_ms_per_result']:.2f} ms per trial result   [target <= 5 ms at N=2000]")
+    print("    of which (wall ms per result, inclusive): " + ", ".join(
+        f"{label} {ms(label):.2f}" for label in ("Tune: process a result (scheduler, callbacks, searcher)", "experiment-state snapshots",
+                                                  "TrialsTableCallback (rows + write)", "searcher suggest", "live view lines")))
+    print(f"  wall {r['wall_s']:.0f} s vs ideal {r['ideal_s']:.0f} s (sum of sleeps {r['sum_sleep_s']:.0f} s / {r['slots']} slots): "
+          f"x{r['wall_s'] / r['ideal_s']:.2f}; slot utilisation {100 * r['utilisation']:.1f} % "
+          f"(steady state {100 * r['steady_utilisation']:.1f} %)   [target >= 95 % at N=2000]")
+    print(f"  driver peak RSS {r['driver_peak_rss_mib']:.0f} MiB; Ray processes' CPU during the sweep: "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(r["ray_cpu_s"].items())))
+    print(f"  trials.csv: {r['csv_writes']} writes, {t.get('trials.csv writes', {}).get('s', 0):.1f} s in all "
+          f"({1000 * t.get('trials.csv writes', {}).get('s', 0) / max(1, r['csv_writes']):.1f} ms each), final {r['csv_final_kib']:.0f} KiB, "
+          f"{r['csv_written_mib']:.1f} MiB written")
+    snap = t.get("experiment-state snapshots", {"calls": 0, "s": 0})
+    print(f"  Tune experiment-state snapshots: {snap['calls']}, {snap['s']:.1f} s in all; searcher: "
+          f"{t.get('searcher suggest', {}).get('calls', 0)} suggest calls, {t.get('searcher suggest', {}).get('s', 0):.1f} s")
+    print(f"  report: {r['report_s']:.1f} s, {r['report_mib']:.1f} MiB   [target <= 60 s, <= 15 MB]; importances {r['importance_s']:.1f} s")
+    print(f"  checkpoints left on disk: {r['checkpoints_left']} ({r['checkpoint_bytes_left'] / 2**20:.1f} MiB); live view {r['live_lines']} lines")
+
+
+def main(argv=None) -> None:
+    from tumorseg.cli import ArgumentParser
+
+    p = ArgumentParser(prog="search.bench --scale", description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", default="100,500,2000", help="sweep sizes N, comma-separated")
+    p.add_argument("--gpus", type=int, default=64, help="logical GPUs in all = trial slots")
+    p.add_argument("--nodes", type=int, default=1, help="Ray nodes on this machine (GPUs split evenly)")
+    p.add_argument("--epoch-s", type=float, default=3.0, help="mean sleep of one simulated epoch")
+    p.add_argument("--epochs", type=int, default=20, help="epoch budget (ASHA max_t)")
+    p.add_argument("--grace-period", type=int, default=2)
+    p.add_argument("--reduction-factor", type=float, default=3)
+    p.add_argument("--checkpoint-kb", type=int, default=16, help="size of a simulated checkpoint (a real one is ~165 MB)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop each sweep after this long (what ran is measured)")
+    p.add_argument("--searcher-only", action="store_true", help="only the searcher's proposal rate")
+    p.add_argument("--out", type=Path, default=None, help="keep the sweeps here (default: a temporary folder, removed)")
+    p.add_argument("--json", type=Path, default=None, help="also write the measurements here")
+    args = p.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # the local cluster's; read when Ray is first imported
+    sizes = [int(v) for v in args.trials.split(",")]
+    from search.rundir import package_versions
+    from tumorseg.bench import machine
+
+    versions = package_versions()
+    print(f"machine: {machine()}; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"versions: ray {versions['ray']}, optuna {versions['optuna']}")
+    print("SIMULATION: trials sleep instead of training (search.bench_scale.sleep_trial); this measures the orchestration, not training.")
+    results = {"searcher": {}, "sweeps": []}
+    for n in sizes:
+        r = results["searcher"][n] = searcher_rate(n, args.gpus)
+        print(f"searcher alone, N={n}, {args.gpus} in flight: {r['per_s']:.0f} proposals/s; {r['first_ms']:.1f} ms each over the first "
+              f"tenth, {r['last_ms']:.1f} ms over the last")
+    if not args.searcher_only:
+        out = args.out or Path(tempfile.mkdtemp(prefix="tumorseg-scale-"))
+        temp_dir = Path(tempfile.mkdtemp(prefix="tsb-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+        try:
+            with local_cluster(args.nodes, args.gpus, temp_dir) as cluster:
+                print(f"local Ray cluster: {args.nodes} node(s), {args.gpus // args.nodes} logical GPUs + CPUs each, up in {cluster['start_s']:.0f} s")
+                for n in sizes:
+                    r = run_sweep(n, cluster["address"], args.gpus, out.resolve(), args.epoch_s, args.epochs, args.grace_period,
+                                  args.reduction_factor, args.checkpoint_kb, temp_dir, args.max_minutes and 60 * args.max_minutes)
+                    results["sweeps"].append(r)
+                    print_sweep(r, args.epoch_s, args.nodes)
+                    sys.stdout.flush()
+        finally:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            if args.out is None:
+                shutil.rmtree(out, ignore_errors=True)
+    print(f"load average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
