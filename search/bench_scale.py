@@ -355,22 +355,75 @@ def report_and_importance(run_dir: Path, space) -> dict:
             "report_mib": path.stat().st_size / 2**20}
 
 
-def searcher_rate(n: int, slots: int) -> dict:
-    """The searcher alone (search.tuner.make_searcher, ``slots`` trials in flight): ms per proposal
-    over the first and the last tenth of ``n`` trials, and proposals per second over all of them."""
+def synthetic_run_dir(n: int, out: Path, slots: int = 64, epoch_s: float = 3.0, epochs: int = 20, seed: int = 0) -> Path:
+    """A finished sweep's folder of ``n`` simulated trials without running one (for ``--report-only``):
+    ``sweep.json``, ``trials.csv`` and each trial's ``result.json``, as ``search.run`` writes them;
+    parameters random from the default space, ASHA's stops by rung (grace 2, factor 3)."""
     import random
+
+    import optuna
+
+    from search import rundir
+    from search.cli import build_parser, settings_from_args
+    from search.space import define_by_run
+    from search.trials import COLUMNS, write_table
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    argv = ["--num-samples", str(n), "--epochs", str(epochs), "--encoder-weights", "none", "--gpus", str(slots),
+            "--storage", str(out), "--name", f"report-{n}"]
+    settings, space, base, notes = settings_from_args(build_parser().parse_args(argv))
+    run_dir = settings.run_dir
+    (run_dir / rundir.TUNE_DIR).mkdir(parents=True, exist_ok=True)
+    rundir.write_sweep_json(run_dir, settings, space, base, notes=notes, sampler={}, argv=argv)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    rng, free_at, rows = random.Random(seed), [0.0] * slots, []
+    rungs = [2, 6, 18]
+    for i in range(n):
+        trial = study.ask()
+        define_by_run(space)(trial)
+        params = trial.params
+        run = epochs if rng.random() < 0.04 else next((r for r in rungs if rng.random() < 2 / 3), epochs)
+        slot = min(range(slots), key=free_at.__getitem__)
+        start = 1.7e9 + free_at[slot]
+        lines, best, t = [], 0.0, start
+        for epoch in range(1, run + 1):
+            t += epoch_sleep_s(params, i, epoch, epoch_s, space.resize_choices)
+            dice = simulated_dice(params, i, epoch)
+            best = max(best, dice)
+            lines.append(json.dumps({"epoch": epoch, "val_dice": dice, "best_val_dice": best, "timestamp": t, "trial_index": i}))
+        free_at[slot] = t - 1.7e9
+        trial_dir = f"trial_{i:03d}_{i:08x}"
+        (run_dir / rundir.TUNE_DIR / trial_dir).mkdir(exist_ok=True)
+        (run_dir / rundir.TUNE_DIR / trial_dir / "result.json").write_text("\n".join(lines) + "\n")
+        rows.append({**dict.fromkeys(COLUMNS), **params, "trial_index": i, "trial_id": f"{i:08x}", "best_val_dice": best,
+                     "last_val_dice": dice, "epochs_run": run, "status": "COMPLETED" if run == epochs else "STOPPED_EARLY",
+                     "num_failures": 0, "node_id": f"node{slot // 8}", "gpu_ids": str(slot % 8), "start_ts": start,
+                     "end_ts": t, "wall_time_s": t - start, "trial_dir": trial_dir, "params_m": 14.33,
+                     "gflops": 21.7 * (params["resize_px"] / 256) ** 2, "train_images_per_s": 50.0})
+        study.tell(trial, best)
+    write_table(rows, run_dir / rundir.TRIALS_CSV)
+    return run_dir
+
+
+def searcher_rate(n: int, slots: int) -> dict:
+    """The searcher alone (search.tuner.make_searcher, ``slots`` trials in flight): CPU ms per
+    proposal over the first and the last tenth of ``n`` trials, and proposals per CPU second over all."""
+    import random
+
+    import optuna
 
     from search.cli import build_parser, settings_from_args
     from search.tuner import METRIC, make_searcher
 
     settings, space, _, _ = settings_from_args(build_parser().parse_args(["--num-samples", str(n), "--encoder-weights", "none"]))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = make_searcher(settings, space, slots)
     searcher.set_search_properties(METRIC, "max", {})
     rng, live, times = random.Random(0), [], []
     for i in range(n):
-        t0 = time.perf_counter()
+        t0 = time.process_time()  # CPU time: the machine may be shared
         searcher.suggest(f"t{i}")
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
         live.append(f"t{i}")
         if len(live) >= slots:
             searcher.on_trial_complete(live.pop(rng.randrange(len(live))), {METRIC: rng.random(), "epoch": 2})
@@ -420,6 +473,7 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint-kb", type=int, default=16, help="size of a simulated checkpoint (a real one is ~165 MB)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop each sweep after this long (what ran is measured)")
     p.add_argument("--searcher-only", action="store_true", help="only the searcher's proposal rate")
+    p.add_argument("--report-only", action="store_true", help="only the report and importances, on a simulated finished sweep")
     p.add_argument("--out", type=Path, default=None, help="keep the sweeps here (default: a temporary folder, removed)")
     p.add_argument("--json", type=Path, default=None, help="also write the measurements here")
     args = p.parse_args(argv)
@@ -434,11 +488,20 @@ def main(argv=None) -> None:
     print(f"versions: ray {versions['ray']}, optuna {versions['optuna']}")
     print("SIMULATION: trials sleep instead of training (search.bench_scale.sleep_trial); this measures the orchestration, not training.")
     results = {"searcher": {}, "sweeps": []}
-    for n in sizes:
+    for n in sizes if not args.report_only else []:
         r = results["searcher"][n] = searcher_rate(n, args.gpus)
-        print(f"searcher alone, N={n}, {args.gpus} in flight: {r['per_s']:.0f} proposals/s; {r['first_ms']:.1f} ms each over the first "
-              f"tenth, {r['last_ms']:.1f} ms over the last")
-    if not args.searcher_only:
+        print(f"searcher alone, N={n}, {args.gpus} in flight: {r['per_s']:.0f} proposals per CPU second; {r['first_ms']:.1f} CPU ms "
+              f"each over the first tenth, {r['last_ms']:.1f} over the last")
+    if args.report_only:
+        with tempfile.TemporaryDirectory(prefix="tumorseg-report-") as tmp:
+            for n in sizes:
+                run_dir = synthetic_run_dir(n, Path(tmp), slots=args.gpus, epoch_s=args.epoch_s, epochs=args.epochs)
+                from search.rundir import load_sweep
+
+                r = results.setdefault("report", {})[n] = report_and_importance(run_dir, load_sweep(run_dir)[1])
+                print(f"report of a simulated {n}-trial sweep: {r['report_s']:.1f} s, {r['report_mib']:.1f} MiB; importances "
+                      f"{r['importance_s']:.1f} s   [target <= 60 s, <= 15 MB at N=2000]")
+    elif not args.searcher_only:
         out = args.out or Path(tempfile.mkdtemp(prefix="tumorseg-scale-"))
         temp_dir = Path(tempfile.mkdtemp(prefix="tsb-", dir="/tmp"))  # short: Ray's socket paths have a length limit
         try:

@@ -62,6 +62,8 @@ def build_parser() -> ArgumentParser:
     r.add_argument("--dashboard-host", default="127.0.0.1", help="dashboard bind address (0.0.0.0 exposes it: keep token auth on)")
     r.add_argument("--dashboard-port", type=int, default=8265)
     r.add_argument("--ray-temp-dir", default=None, help="Ray's session/log folder (default: Ray's /tmp/ray)")
+    r.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep finished trials' checkpoints (default: deleted when a trial finishes; --resume never reads them)")
     r.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=True,
                    help="start the next trial in a finished trial's process (saves Python and torch start-up)")
     t = p.add_argument_group("search and scheduling")
@@ -294,6 +296,7 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict, list[str
         cache_dir=args.cache_dir,
         points=read_points(args.points, space) if args.points else None,
         reuse_actors=args.reuse_actors,
+        keep_checkpoints=args.keep_checkpoints,
         no_retrain=args.no_retrain,
         verbose=args.verbose,
     )

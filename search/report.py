@@ -29,6 +29,10 @@ from search.space import SearchSpace, applicable_params, distributions
 from search.trials import model_label, pareto_front, read_table, scored_trials
 
 MIN_TRIALS_FOR_IMPORTANCE = 10  # below this the importances are shown with a warning
+FANOVA_FULL_DEPTH_TRIALS, FANOVA_MAX_DEPTH = 500, 8  # above 500 trials, fANOVA's trees stop at depth 8
+TABLE_ROWS = 100  # the report's trial table: the best 100 (all of them are in trials.csv)
+MANY_TRIALS = 100  # above this, plots draw trials as a few traces, not one each
+PARALLEL_TRIALS = 300  # the parallel-coordinates plot shows at most the best 300
 STATUS_COLOURS = {
     "COMPLETED": "#2ca02c", "STOPPED_EARLY": "#1f77b4", "FAILED": "#d62728", "ERROR": "#7f0000",
     "RUNNING": "#ff7f0e", "PENDING": "#999999", "PAUSED": "#bcbd22",
@@ -39,24 +43,27 @@ REPORT_METRICS = ("dice", "iou", "f1", "precision", "recall", "dice_loss")
 # ----------------------------------------------------------------------------- inputs
 
 
-def load_curves(run_dir: Path, table: pd.DataFrame | None) -> dict[str, pd.DataFrame]:
-    """Per trial id, its reported epochs (from Tune's ``result.json`` lines; plain JSON)."""
+def load_curves(run_dir: Path, table: pd.DataFrame | None) -> dict[str, dict[str, list]]:
+    """Per trial id, its reported epochs and val Dice (``{"epoch": [...], "val_dice": [...]}``, by
+    epoch, the last report of an epoch kept) from Tune's ``result.json`` lines (plain JSON)."""
     curves = {}
     if table is None:
         return curves
-    for row in table.itertuples():
-        path = Path(run_dir) / TUNE_DIR / str(row.trial_dir) / "result.json"
+    for trial_id, trial_dir in zip(table["trial_id"], table["trial_dir"]):
+        path = Path(run_dir) / TUNE_DIR / str(trial_dir) / "result.json"
         if not path.is_file():
             continue
-        records = []
+        by_epoch = {}
         for line in path.read_text().splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line being written right now
-        frame = pd.DataFrame([r for r in records if "val_dice" in r and not r.get("failure_reason")])
-        if not frame.empty:
-            curves[row.trial_id] = frame.drop_duplicates("epoch", keep="last").sort_values("epoch")
+            if "val_dice" in record and "epoch" in record and not record.get("failure_reason"):
+                by_epoch[record["epoch"]] = record["val_dice"]
+        if by_epoch:
+            epochs = sorted(by_epoch)
+            curves[trial_id] = {"epoch": epochs, "val_dice": [by_epoch[e] for e in epochs]}
     return curves
 
 
@@ -83,6 +90,17 @@ def rebuild_study(table: pd.DataFrame | None, space: SearchSpace):
     return study
 
 
+def best_trials_study(study, k: int):
+    """``study`` itself, or a study of its ``k`` best trials when it has more."""
+    import optuna
+
+    if len(study.trials) <= k:
+        return study
+    best = optuna.create_study(direction="maximize")
+    best.add_trials(sorted(study.trials, key=lambda t: -t.value)[:k])
+    return best
+
+
 def common_params(study) -> list[str]:
     """Parameters every trial of ``study`` has (conditional ones drop out unless always sampled)."""
     names = [set(t.params) for t in study.trials]
@@ -96,7 +114,10 @@ def importances(study) -> dict[str, dict[str, float]]:
 
     params = common_params(study)
     out = {}
-    evaluators = {"fANOVA": FanovaImportanceEvaluator(seed=0), "PED-ANOVA": PedAnovaImportanceEvaluator()}
+    # fANOVA's forest grows with the trials: 166 s at 2,000 trials on 2 cores, 14 s with trees of depth
+    # <= 8 (the same ranking); Optuna's defaults up to FANOVA_FULL_DEPTH_TRIALS
+    depth = {} if len(study.trials) <= FANOVA_FULL_DEPTH_TRIALS else {"max_depth": FANOVA_MAX_DEPTH}
+    evaluators = {"fANOVA": FanovaImportanceEvaluator(seed=0, **depth), "PED-ANOVA": PedAnovaImportanceEvaluator()}
     for name, evaluator in evaluators.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -171,31 +192,52 @@ def legible_slices(fig, num_trials: int):
     return fig
 
 
-def learning_curves_figure(curves: dict[str, pd.DataFrame], table: pd.DataFrame, max_epochs: int):
+def _joined(curves: list[dict], key: str) -> list:
+    """Several curves as one trace's coordinates: ``None`` between curves breaks the line."""
+    out = []
+    for curve in curves:
+        out += [*curve[key], None]
+    return out
+
+
+def learning_curves_figure(curves: dict[str, dict[str, list]], table: pd.DataFrame, max_epochs: int):
+    """Validation Dice per epoch, one colour per status. Up to MANY_TRIALS trials a trace each; above,
+    one trace per status (thin, translucent) with the 10 best trials drawn on top, so 2,000 trials
+    stay one legible figure."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
+    rows = [row for row in table.sort_values("trial_index").itertuples() if row.trial_id in curves]
+    many = len(rows) > MANY_TRIALS
+    top = {r.trial_id for r in sorted(rows, key=lambda r: -(r.best_val_dice if r.best_val_dice == r.best_val_dice else -1))[:10]}
+    groups = [[row] for row in rows] if not many else \
+        [[row for row in rows if row.status == status] for status in dict.fromkeys(row.status for row in rows)]
+    if many:
+        groups += [[row] for row in rows if row.trial_id in top]
     shown = set()
-    for row in table.sort_values("trial_index").itertuples():
-        frame = curves.get(row.trial_id)
-        if frame is None:
-            continue
-        colour = STATUS_COLOURS.get(row.status, "#444")
+    for group in groups:
+        highlighted = many and len(group) == 1 and group[0].trial_id in top
+        status = group[0].status
+        colour = STATUS_COLOURS.get(status, "#444")
+        label = f"trial {group[0].trial_index} (top 10)" if highlighted else status
+        data = [{**curves[row.trial_id], "trial": [row.trial_index] * len(curves[row.trial_id]["epoch"])} for row in group]
         fig.add_scatter(
-            x=frame["epoch"], y=frame["val_dice"], mode="lines+markers", line=dict(color=colour, width=1.5),
-            marker=dict(size=4), name=row.status, legendgroup=row.status, showlegend=row.status not in shown,
-            hovertemplate=f"trial {row.trial_index}<br>epoch %{{x}}<br>val Dice %{{y:.4f}}<extra>{row.status}</extra>",
+            x=_joined(data, "epoch"), y=_joined(data, "val_dice"), customdata=_joined(data, "trial"),
+            mode="lines+markers" if not many or highlighted else "lines", connectgaps=False,
+            line=dict(color=colour, width=2.5 if highlighted else 1.5 if not many else 0.7),
+            opacity=1.0 if highlighted or not many else 0.35, marker=dict(size=4),
+            name=label, legendgroup=label, showlegend=label not in shown,
+            hovertemplate=f"trial %{{customdata}}<br>epoch %{{x}}<br>val Dice %{{y:.4f}}<extra>{status}</extra>",
         )
-        shown.add(row.status)
-        if row.status == "STOPPED_EARLY":
-            last = frame.iloc[-1]
-            fig.add_scatter(
-                x=[last["epoch"]], y=[last["val_dice"]], mode="markers", marker=dict(symbol="x", size=10, color=colour),
-                name="stopped by ASHA", legendgroup="asha", showlegend="asha" not in shown, hoverinfo="skip",
-            )
-            shown.add("asha")
+        shown.add(label)
+    stopped = [row for row in rows if row.status == "STOPPED_EARLY"]
+    if stopped:
+        last = [(curves[r.trial_id]["epoch"][-1], curves[r.trial_id]["val_dice"][-1]) for r in stopped]
+        fig.add_scatter(x=[e for e, _ in last], y=[d for _, d in last], mode="markers", name="stopped by ASHA", hoverinfo="skip",
+                        marker=dict(symbol="x", size=10 if not many else 5, color=STATUS_COLOURS["STOPPED_EARLY"]))
     fig.update_layout(title="Learning curves: validation Dice per epoch (x: where ASHA stopped a trial)",
-                      xaxis=dict(title="epoch", range=[0.5, max_epochs + 0.5], dtick=1), yaxis_title="val Dice (native resolution)", height=420)
+                      xaxis=dict(title="epoch", range=[0.5, max_epochs + 0.5], dtick=1 if max_epochs <= 30 else None),
+                      yaxis_title="val Dice (native resolution)", height=420)
     return fig
 
 
@@ -233,19 +275,18 @@ def timeline(table: pd.DataFrame, slots_available: int | None = None) -> tuple[o
     busy = (timed["end_ts"] - timed["start_ts"]).clip(lower=0).sum()
     utilisation = 100.0 * busy / (slots * span) if span > 0 else None
     fig = go.Figure()
-    shown = set()
-    for row in timed.sort_values("trial_index").itertuples():
+    labelled = len(timed) <= MANY_TRIALS  # "t12" inside each bar; unreadable with thousands
+    for status, group in timed.sort_values("trial_index").groupby("status", sort=False):
         fig.add_bar(
-            y=[row.slot], x=[row.end_ts - row.start_ts], base=[row.start_ts - t0], orientation="h",
-            marker_color=STATUS_COLOURS.get(row.status, "#444"), name=row.status, legendgroup=row.status,
-            showlegend=row.status not in shown, text=[f"t{row.trial_index}"], textposition="inside",
-            hovertemplate=f"trial {row.trial_index} ({row.status})<br>start %{{base:.0f}} s, %{{x:.0f}} s long<extra>{row.slot}</extra>",
+            y=group["slot"], x=group["end_ts"] - group["start_ts"], base=group["start_ts"] - t0, orientation="h",
+            marker_color=STATUS_COLOURS.get(status, "#444"), name=status, customdata=group["trial_index"],
+            text=[f"t{i}" for i in group["trial_index"]] if labelled else None, textposition="inside",
+            hovertemplate=f"trial %{{customdata}} ({status})<br>start %{{base:.0f}} s, %{{x:.0f}} s long<extra>%{{y}}</extra>",
         )
-        shown.add(row.status)
     title = "Resource timeline: trials per slot"
     if utilisation is not None:
         title += f" (slot utilisation {utilisation:.0f}% over {span:.0f} s, {slots} slots)"
-    fig.update_layout(title=title, barmode="overlay", xaxis_title="seconds since the first trial started", height=140 + 40 * timed["slot"].nunique())
+    fig.update_layout(title=title, barmode="overlay", xaxis_title="seconds since the first trial started", height=140 + min(40, max(12, 1600 // timed["slot"].nunique())) * timed["slot"].nunique())
     return fig, utilisation
 
 
@@ -332,12 +373,16 @@ def headline_html(final: dict | None, best: dict | None) -> str:
 
 
 def sortable_table_html(table: pd.DataFrame) -> str:
+    note = ""
+    if len(table) > TABLE_ROWS:  # a readable page: the best ones here, every trial in trials.csv
+        table = table.sort_values(["best_val_dice", "trial_index"], ascending=[False, True], na_position="last").head(TABLE_ROWS)
+        note = f" The {TABLE_ROWS} trials with the best validation Dice; every trial is in <code>trials.csv</code>."
     shown = table.drop(columns=["trial_dir", "start_ts", "end_ts"], errors="ignore").copy()
     shown["node_id"] = shown["node_id"].astype(str).str[:8]
     lead = [c for c in ("trial_index", "status", "best_val_dice", "epochs_run") if c in shown.columns]
     shown = shown[lead + [c for c in shown.columns if c not in lead]]  # what a reader looks for first, on screen
     body = shown.to_html(index=False, classes="grid sortable", na_rep="", float_format=lambda v: f"{v:.4g}", table_id="trials", escape=True)
-    return "<p>Click a column header to sort.</p>" + body
+    return f"<p>Click a column header to sort.{note}</p>" + body
 
 
 SORT_JS = """
@@ -414,7 +459,9 @@ def build_report(run_dir: Path) -> Path:
             f"<p>Computed by Optuna's fANOVA and PED-ANOVA evaluators on a study rebuilt from "
             f"<b>{len(scored)}</b> scored trials (value: each trial's best validation Dice; trials stopped by "
             f"ASHA enter with the Dice they reached; failed trials are left out). Conditional parameters are "
-            f"excluded because not every trial has them.{caveat}</p>")
+            f"excluded because not every trial has them."
+            + (f" Above {FANOVA_FULL_DEPTH_TRIALS} trials fANOVA's trees stop at depth {FANOVA_MAX_DEPTH} (its cost grows "
+               "with the trials)." if len(study.trials) > FANOVA_FULL_DEPTH_TRIALS else "") + f"{caveat}</p>")
         if any("error" not in v for v in values.values()):
             sections.append(_fig_html(importance_figure(values)))
         for name, scores in values.items():
@@ -424,7 +471,9 @@ def build_report(run_dir: Path) -> Path:
                 sections.append(f"<p>{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + "</p>")
         sections.append("<h2>3. The sweep at a glance</h2>")
         sections.append(_fig_html(ov.plot_optimization_history(study, target_name="best val Dice")))
-        sections.append(_fig_html(ov.plot_parallel_coordinate(study, target_name="best val Dice")))
+        if len(study.trials) > PARALLEL_TRIALS:  # thousands of lines are one dark band: the best ones show the pattern
+            sections.append(f"<p>Parallel coordinates: the {PARALLEL_TRIALS} trials with the best validation Dice.</p>")
+        sections.append(_fig_html(ov.plot_parallel_coordinate(best_trials_study(study, PARALLEL_TRIALS), target_name="best val Dice")))
         sections.append("<p>Slice plots: each conditional parameter shows only the trials that sampled it.</p>")
         sections.append(_fig_html(legible_slices(ov.plot_slice(study, target_name="best val Dice"), len(study.trials))))
 

@@ -170,6 +170,7 @@ def fit(settings: SweepSettings, space: SearchSpace, base: dict, data, encoder_s
         code: dict | None = None) -> bool:
     """Run (or continue) the Tune experiment; ``code``: see ``search.tuner.make_trainable``."""
     from search.callbacks import LiveViewCallback, TrialsTableCallback
+    from search.checkpoints import DeleteFinishedCheckpoints
     from search.trials import FINISHED, read_table
     from search.tuner import make_trainable, make_tuner, restore_tuner
 
@@ -179,6 +180,8 @@ def fit(settings: SweepSettings, space: SearchSpace, base: dict, data, encoder_s
     else:
         callbacks = [TrialsTableCallback(settings.run_dir, settings.epochs),
                      LiveViewCallback(settings.run_dir, settings.num_samples, settings.epochs, slots)]
+        if not settings.keep_checkpoints:
+            callbacks.append(DeleteFinishedCheckpoints())
         tuner = make_tuner(settings, space, trainable, slots, callbacks)
     interrupted = False
     try:

@@ -70,6 +70,7 @@ class SweepSettings:
     cache_dir: str | None = None
     points: list[dict] | None = None  # evaluated first; None: the seed recipe
     reuse_actors: bool = True  # run the next trial in a finished trial's warm process (no re-imports)
+    keep_checkpoints: bool = False  # False: a trial's checkpoints are deleted when it finishes (search.checkpoints)
     no_retrain: bool = False
     verbose: bool = False  # Ray's own output on the terminal too (always in RAY_LOG)
 

@@ -30,6 +30,7 @@ from tumorseg.data import Split, load_split
 from search.rundir import dir_for, trial_index
 
 STATE_FILE = "state.pt"
+TRAIN_DIR = "train"  # a data-parallel trial's Ray Train run (its checkpoints) inside the trial's folder
 COORDINATOR_CPUS = 0.01  # what a data-parallel trial's own function holds: it only waits on its trainer
 
 # report(metrics, checkpoint): ``checkpoint`` is a function returning the resumable state (or
@@ -211,7 +212,7 @@ def _run_train_workers(params, base, data_ref, encoder_states, threads, workers,
         torch_config=device_torch_config(),
         scaling_config=train.ScalingConfig(num_workers=workers, use_gpu=True, resources_per_worker={"CPU": worker_cpus, "GPU": 1}),
         run_config=train.RunConfig(
-            name="train",
+            name=TRAIN_DIR,
             storage_path=storage,
             callbacks=[TuneReportCallback()],
             checkpoint_config=train.CheckpointConfig(num_to_keep=1),

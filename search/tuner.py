@@ -11,6 +11,8 @@ from search.rundir import TUNE_DIR, SweepSettings, trial_dirname, trial_name
 from search.space import SearchSpace, define_by_run, seed_point
 
 METRIC = "best_val_dice"
+# each proposal reads the best and the latest trials, not all (search.sampler_window)
+HISTORY = {"best": 32, "recent": 256}
 
 
 def sampler_settings(settings: SweepSettings) -> dict:
@@ -28,6 +30,7 @@ def sampler_settings(settings: SweepSettings) -> dict:
         "group": True,
         "constant_liar": True,
         "seed": settings.seed,
+        "history": HISTORY,
     }
 
 
@@ -38,10 +41,13 @@ def make_searcher(settings: SweepSettings, space: SearchSpace, max_concurrent: i
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    options = {k: v for k, v in sampler_settings(settings).items() if k != "name"}
+    from search.sampler_window import WindowedSampler
+
+    options = {k: v for k, v in sampler_settings(settings).items() if k not in ("name", "history")}
     with warnings.catch_warnings():  # multivariate/group are marked experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(**options)
+    sampler = WindowedSampler(sampler, **HISTORY)  # proposals stop getting slower with the number of trials
     points = settings.points or [seed_point(space)[0]]
     searcher = OptunaSearch(space=define_by_run(space), metric=METRIC, mode="max", points_to_evaluate=points, sampler=sampler)
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
@@ -90,7 +96,11 @@ def make_tuner(settings: SweepSettings, space: SearchSpace, trainable, max_concu
             name=TUNE_DIR,
             storage_path=settings.ray_root,
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest epoch's state
+            # the latest epoch's state, and the one before it: with 1, Tune snapshots the whole
+            # experiment (every trial and the searcher) after every checkpoint of every trial, a cost
+            # per result that grows with the trials; with 2, about once per epoch-time of the sweep.
+            # Finished trials' checkpoints are deleted (search.checkpoints).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
             verbose=2 if settings.verbose else 0,  # 0: search.live's view instead of Tune's status boxes
             log_to_file=True,  # each trial's stdout/stderr in its folder (the terminal gets neither) ...

@@ -1,0 +1,179 @@
+"""Thousands of trials: what the driver does per trial stays bounded (issue 15).
+
+The searcher's history window, checkpoints deleted once a trial is finished and recorded so,
+trials.csv written at a bounded rate, a report that stays legible, and the --scale bench itself.
+"""
+
+from types import SimpleNamespace
+
+import optuna
+import pandas as pd
+import pytest
+
+from conftest import run_cli
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# ----------------------------------------------------------------------------- the searcher's window
+
+
+def _objective(trial) -> float:
+    x = trial.suggest_float("x", -3, 3)
+    kind = trial.suggest_categorical("kind", ["a", "b"])
+    y = trial.suggest_float("y", 0, 1) if kind == "a" else 0.5
+    return -((x - 1) ** 2) - (y - 0.2) ** 2
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_windowed_tpe_proposes_exactly_what_tpe_does_while_the_study_fits_the_window():
+    from search.sampler_window import WindowedSampler
+
+    def tpe():
+        return optuna.samplers.TPESampler(seed=3, n_startup_trials=5, multivariate=True, group=True, constant_liar=True)
+
+    plain = optuna.create_study(direction="maximize", sampler=tpe())
+    windowed = optuna.create_study(direction="maximize", sampler=WindowedSampler(tpe(), recent=40, best=8))
+    plain.optimize(_objective, n_trials=30)
+    windowed.optimize(_objective, n_trials=30)
+    assert [t.params for t in windowed.trials] == [t.params for t in plain.trials]
+
+
+class SeenTrials(optuna.samplers.RandomSampler):
+    """Records which finished trials the sampler was shown at each proposal."""
+
+    def __init__(self):
+        super().__init__(seed=0)
+        self.seen: list[set[int]] = []
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        self.seen.append({t.number for t in study._get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))})
+        return super().sample_independent(study, trial, param_name, param_distribution)
+
+
+def test_windowed_sampler_shows_only_the_best_and_the_latest_trials():
+    from search.sampler_window import WindowedSampler
+
+    inner = SeenTrials()
+    study = optuna.create_study(direction="maximize", sampler=WindowedSampler(inner, recent=5, best=2))
+    values = [0.1, 0.9, 0.2, 0.8, 0.3, 0.1, 0.2, 0.3, 0.1, 0.2, 0.1, 0.2]  # best: trial 1 (0.9), trial 3 (0.8)
+    for value in values:
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        study.tell(trial, value)
+    trial = study.ask()  # trial 12: the window is trials 8-11 (recent 5 = 8..12) and the best two
+    trial.suggest_float("x", 0, 1)
+    assert inner.seen[-1] == {1, 3, 8, 9, 10, 11}
+    assert inner.seen[4] == {0, 1, 2, 3}  # trial 4: everything fits the window
+
+
+# ----------------------------------------------------------------------------- checkpoints of finished trials
+
+
+def _trial_folder(root, name):
+    trial = root / name
+    for folder in ("checkpoint_000002", "checkpoint_000003", "train/checkpoint_000001"):
+        (trial / folder).mkdir(parents=True)
+        (trial / folder / "state.json").write_text("{}")
+    (trial / "result.json").write_text('{"epoch": 3}\n')
+    return trial
+
+
+def test_finished_trials_checkpoints_go_after_the_next_experiment_snapshot(tmp_path):
+    from ray.tune import Checkpoint
+
+    from search.checkpoints import DeleteFinishedCheckpoints
+
+    def fake(folder):  # a file:// URI: the same pyarrow path as s3://
+        return SimpleNamespace(checkpoint=Checkpoint((folder / "checkpoint_000003").as_uri()), __str__=lambda self: folder.name)
+
+    a, b = _trial_folder(tmp_path, "trial_000_a"), _trial_folder(tmp_path, "trial_001_b")
+    callback = DeleteFinishedCheckpoints()
+    callback.on_trial_complete(0, [], fake(a))
+    assert callback.get_state() is None  # snapshot 1 records trial a finished: its checkpoints may still be read
+    callback.on_trial_complete(0, [], fake(b))
+    callback.wait()
+    assert (a / "checkpoint_000003").is_dir()
+    callback.get_state()  # snapshot 2: snapshot 1 is on the storage, a's checkpoints go
+    callback.wait()
+    assert sorted(p.name for p in a.rglob("*")) == ["result.json", "train"]
+    assert (b / "checkpoint_000003").is_dir()
+    callback.on_experiment_end([])  # after Tune's final snapshot: everything finished goes
+    assert sorted(p.name for p in b.rglob("*")) == ["result.json", "train"]
+    assert callback.deleted == 6
+
+
+# ----------------------------------------------------------------------------- trials.csv at a bounded rate
+
+
+class FakeTrial(SimpleNamespace):
+    def __str__(self):
+        return self.name
+
+
+def test_trials_table_is_written_from_tunes_loop_at_most_every_interval_with_the_latest_result(tmp_path):
+    from search.callbacks import TrialsTableCallback
+
+    table = TrialsTableCallback(tmp_path, max_epochs=4, min_interval_s=3600)
+    config = {"resize_px": 64, "loss_type": "dice", "lr": 1e-3, "warmup_epochs": 0, "weight_decay": 1e-4}
+    trial = FakeTrial(name="trial_000", trial_id="a0", status="RUNNING", config=config, last_result={})
+    table.on_trial_start(0, [trial], trial)
+    assert not (tmp_path / "trials.csv").exists()  # events only mark rows stale
+    table.on_step_end(0, [trial])
+    assert pd.read_csv(tmp_path / "trials.csv")["epochs_run"].tolist() == [0]
+    for epoch in (1, 2):
+        result = {"epoch": epoch, "val_dice": 0.1 * epoch, "best_val_dice": 0.1 * epoch}
+        table.on_trial_result(0, [trial], trial, result)
+        trial.last_result = result  # Tune updates the trial after the callbacks
+        table.on_step_end(0, [trial])
+    assert pd.read_csv(tmp_path / "trials.csv")["epochs_run"].tolist() == [0]  # within the interval: not rewritten
+    table.on_trial_complete(0, [trial], trial)
+    table.on_experiment_end([trial])
+    assert pd.read_csv(tmp_path / "trials.csv")[["epochs_run", "status"]].values.tolist() == [[2, "STOPPED_EARLY"]]
+
+
+# ----------------------------------------------------------------------------- the report at 2,000 trials
+
+
+@pytest.fixture(scope="module")
+def many_trials(tmp_path_factory):
+    from search.bench_scale import synthetic_run_dir
+    from search.trials import read_table
+
+    run_dir = synthetic_run_dir(150, tmp_path_factory.mktemp("many"))
+    return run_dir, read_table(run_dir)
+
+
+def test_report_of_many_trials_draws_a_few_traces_and_the_best_rows(many_trials):
+    from search.report import TABLE_ROWS, learning_curves_figure, load_curves, sortable_table_html, timeline
+
+    run_dir, table = many_trials
+    curves = load_curves(run_dir, table)
+    assert len(curves) == 150 and curves[table["trial_id"][0]]["epoch"][0] == 1
+    figure = learning_curves_figure(curves, table, 20)
+    statuses = table["status"].nunique()
+    assert len(figure.data) == statuses + 10 + 1  # one trace per status, the 10 best on top, ASHA's stops
+    assert sum(x is not None for trace in figure.data[:statuses] for x in trace.x) == table["epochs_run"].sum()
+    fig, utilisation = timeline(table, 64)
+    assert len(fig.data) == statuses and sum(len(trace.x) for trace in fig.data) == 150 and 0 < utilisation <= 100
+    html = sortable_table_html(table)
+    assert html.count("</tr>") == TABLE_ROWS + 1 and "every trial is in <code>trials.csv</code>" in html
+    best = table.sort_values("best_val_dice", ascending=False)["trial_index"].iloc[0]
+    assert f"<td>{best}</td>" in html
+
+
+# ----------------------------------------------------------------------------- the bench itself
+
+
+@pytest.mark.slow
+def test_scale_bench_runs_simulated_trials_through_the_real_trainable(tmp_path):
+    proc = run_cli("-m", "search.bench", "--scale", "--trials", "12", "--gpus", "4", "--epochs", "4", "--grace-period", "1",
+                   "--epoch-s", "0.3", "--out", str(tmp_path / "out"), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "this measures the orchestration, not training" in out
+    assert "N=12: " in out and "12 trials" in out and "ms per trial result" in out
+    assert "checkpoints left on disk: 0 (0.0 MiB)" in out  # every trial finished: all deleted
+    table = pd.read_csv(tmp_path / "out" / "scale-12" / "trials.csv")
+    assert len(table) == 12 and set(table["status"]) <= {"COMPLETED", "STOPPED_EARLY"}
+    assert table["node_id"].notna().all()  # reported from inside the real trainable
