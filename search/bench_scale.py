@@ -113,9 +113,10 @@ class Timers:
     def __init__(self):
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.each: dict[str, list[float]] = {}  # every call's duration, for labels wrapped with keep=True
         self._undo: list = []
 
-    def wrap(self, owner, name: str, label: str | None = None, after=None) -> None:
+    def wrap(self, owner, name: str, label: str | None = None, after=None, keep: bool = False) -> None:
         label = label or name
         original = getattr(owner, name)
 
@@ -125,8 +126,11 @@ class Timers:
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
+                took = time.perf_counter() - t0
+                self.seconds[label] = self.seconds.get(label, 0.0) + took
                 self.calls[label] = self.calls.get(label, 0) + 1
+                if keep:
+                    self.each.setdefault(label, []).append(took)
                 if after is not None:
                     after(*args, **kwargs)
 
@@ -258,7 +262,7 @@ def instrument(timers: Timers, writes: list) -> None:
     timers.wrap(callbacks, "write_table", "trials.csv writes", after=record_write)
     timers.wrap(callbacks.TrialsTableCallback, "_write", "TrialsTableCallback (rows + write)")
     timers.wrap(callbacks.LiveViewCallback, "_show", "live view lines")
-    timers.wrap(ConcurrencyLimiter, "suggest", "searcher suggest")
+    timers.wrap(ConcurrencyLimiter, "suggest", "searcher suggest", keep=True)
     timers.wrap(ConcurrencyLimiter, "on_trial_complete", "searcher on_trial_complete")
     timers.wrap(ConcurrencyLimiter, "on_trial_result", "searcher on_trial_result")
     timers.wrap(TuneController, "save_to_dir", "experiment-state snapshots")
@@ -331,10 +335,20 @@ def run_sweep(n: int, address: str, gpus: int, out: Path, epoch_s: float, epochs
         "csv_writes": len(writes), "csv_final_kib": writes[-1] / 1024 if writes else 0.0, "csv_written_mib": sum(writes) / 2**20,
         "checkpoints_left": len(checkpoints), "checkpoint_bytes_left": sum(du_bytes(c) for c in checkpoints),
         "timers": {label: {"calls": timers.calls[label], "s": timers.seconds[label]} for label in timers.calls},
+        "suggest_ms": _deciles_ms(timers.each.get("searcher suggest", [])),
         "live_lines": len((run_dir / "live.txt").read_text().splitlines()),
     }
     measured.update(report_and_importance(run_dir, space))
     return measured
+
+
+def _deciles_ms(durations: list[float]) -> dict:
+    """Mean ms of the proposals that returned a trial, over the first and the last tenth of them
+    (ConcurrencyLimiter's refusals while every slot is busy return at once and are left out)."""
+    real = [d for d in durations if d > 2e-4]
+    tenth = max(1, len(real) // 10)
+    return {"first": 1000 * statistics.fmean(real[:tenth]) if real else 0.0,
+            "last": 1000 * statistics.fmean(real[-tenth:]) if real else 0.0, "count": len(real), "s": sum(real)}
 
 
 def _busy_between(timed, start: float, end: float) -> float:
@@ -453,8 +467,10 @@ def print_sweep(r: dict, epoch_s: float, nodes: int) -> None:
           f"({1000 * t.get('trials.csv writes', {}).get('s', 0) / max(1, r['csv_writes']):.1f} ms each), final {r['csv_final_kib']:.0f} KiB, "
           f"{r['csv_written_mib']:.1f} MiB written")
     snap = t.get("experiment-state snapshots", {"calls": 0, "s": 0})
-    print(f"  Tune experiment-state snapshots: {snap['calls']}, {snap['s']:.1f} s in all; searcher: "
-          f"{t.get('searcher suggest', {}).get('calls', 0)} suggest calls, {t.get('searcher suggest', {}).get('s', 0):.1f} s")
+    sug = r["suggest_ms"]
+    print(f"  Tune experiment-state snapshots: {snap['calls']}, {snap['s']:.1f} s in all; searcher: {sug['count']} proposals, "
+          f"{sug['s']:.1f} s = {sug['count'] / max(sug['s'], 1e-9):.0f} proposals per searcher-second; {sug['first']:.1f} ms each "
+          f"over the first tenth, {sug['last']:.1f} ms over the last")
     print(f"  report: {r['report_s']:.1f} s, {r['report_mib']:.1f} MiB   [target <= 60 s, <= 15 MB]; importances {r['importance_s']:.1f} s")
     print(f"  checkpoints left on disk: {r['checkpoints_left']} ({r['checkpoint_bytes_left'] / 2**20:.1f} MiB); live view {r['live_lines']} lines")
 
@@ -488,7 +504,7 @@ def main(argv=None) -> None:
     print(f"versions: ray {versions['ray']}, optuna {versions['optuna']}")
     print("SIMULATION: trials sleep instead of training (search.bench_scale.sleep_trial); this measures the orchestration, not training.")
     results = {"searcher": {}, "sweeps": []}
-    for n in sizes if not args.report_only else []:
+    for n in sizes if args.searcher_only else []:
         r = results["searcher"][n] = searcher_rate(n, args.gpus)
         print(f"searcher alone, N={n}, {args.gpus} in flight: {r['per_s']:.0f} proposals per CPU second; {r['first_ms']:.1f} CPU ms "
               f"each over the first tenth, {r['last_ms']:.1f} over the last")
