@@ -27,12 +27,13 @@ case "${1:-}" in
   start)
     workers=${2:-1}; cpus=${3:-1}; gpus=${4:-1}
     [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ] || ray get-auth-token --generate >/dev/null
+    # each simulated node gets its own node-local data cache (search/datapath.py), as separate machines would
     # shellcheck disable=SC2046
-    ray start --head --port="$HEAD_PORT" --temp-dir="$TEMP_DIR" --num-cpus="$cpus" --num-gpus="$gpus" \
+    TUMORSEG_NODE_CACHE_DIR="$TEMP_DIR/node-cache/head" ray start --head --port="$HEAD_PORT" --temp-dir="$TEMP_DIR" --num-cpus="$cpus" --num-gpus="$gpus" \
       --include-dashboard=false $(node_ports 0) --disable-usage-stats >/dev/null
     for i in $(seq 1 "$workers"); do
       # shellcheck disable=SC2046
-      ray start --address="127.0.0.1:$HEAD_PORT" --num-cpus="$cpus" --num-gpus="$gpus" $(node_ports "$i") \
+      TUMORSEG_NODE_CACHE_DIR="$TEMP_DIR/node-cache/node_$i" ray start --address="127.0.0.1:$HEAD_PORT" --num-cpus="$cpus" --num-gpus="$gpus" $(node_ports "$i") \
         --resources="{\"node_$i\": 1}" >/dev/null
     done
     echo "Ray cluster up: head 127.0.0.1:$HEAD_PORT + $workers worker node(s), $cpus CPU / $gpus GPU each"

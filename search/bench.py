@@ -16,6 +16,7 @@ Prints a table (numbers, not pass/fail; targets in brackets):
    the object store, with the store's usage before and after trials read it [each resize once].
 
 ``--scale``: the orchestration of 100-2,000 simulated trials on 64 logical GPUs (``search.bench_scale``).
+``--data-scale``: the data path at 20,000 slices, object store against node cache (``search.bench_data``).
 """
 
 from __future__ import annotations
@@ -67,11 +68,21 @@ def sweep_efficiency(data: Path, out: Path, k: int, slots: int, epochs: int, res
     table = pd.read_csv(run_dir / TRIALS_CSV)
     wall_a = table["end_ts"].max() - table["start_ts"].min()
     fresh, reused, pids = [], [], set()
+    parts_a = dict.fromkeys(("training", "validation", "checkpoint", "rest"), 0.0)  # summed over trials, seconds
     for row in table.sort_values("start_ts").itertuples():
-        first = json.loads((run_dir / TUNE_DIR / row.trial_dir / "result.json").read_text().splitlines()[0])
+        lines = [json.loads(line) for line in (run_dir / TUNE_DIR / row.trial_dir / "result.json").read_text().splitlines()]
+        first = lines[0]
         # a trial in a process that ran an earlier trial (actor reuse) skips Python + torch start-up
         (reused if first["pid"] in pids else fresh).append(first["first_step_ts"] - row.start_ts)
         pids.add(first["pid"])
+        for r in lines:
+            known = r.get("train_time_s", 0.0) + r.get("val_time_s", 0.0) + r.get("checkpoint_s", 0.0)
+            parts_a["training"] += r.get("train_time_s", 0.0)
+            parts_a["validation"] += r.get("val_time_s", 0.0)
+            parts_a["checkpoint"] += r.get("checkpoint_s", 0.0)
+            parts_a["rest"] += r["time_this_iter_s"] - known  # Tune's report: copying the checkpoint into storage
+    parts_a["start-up"] = sum(fresh) + sum(reused)
+    idle = wall_a * slots - (table["end_ts"] - table["start_ts"]).sum()  # slot-seconds with no trial
 
     # (b) the same trials back-to-back in this process, same code path, one thread each
     import torch
@@ -81,11 +92,12 @@ def sweep_efficiency(data: Path, out: Path, k: int, slots: int, epochs: int, res
               "warmup_epochs": 0, "weight_decay": 0.01}
     base = {"epochs": epochs, "encoder_weights": "none", "num_workers": 0, "seed": 0}
     data_arrays = load_search_data(data, [resize])
-    trial_times = []
+    trial_times, reports = [], []
     for _ in range(k):
         t0 = time.perf_counter()
-        run_trial(params, base=base, data=data_arrays, report=lambda m, s: None)
+        run_trial(params, base=base, data=data_arrays, report=lambda m, s: reports.append(m))
         trial_times.append(time.perf_counter() - t0)
+    parts_b = {"training": sum(m["train_time_s"] for m in reports), "validation": sum(m["val_time_s"] for m in reports)}
     torch.set_num_threads(os.cpu_count() or 1)
     return {
         "k": k, "slots": slots, "epochs": epochs, "resize": resize,
@@ -95,6 +107,7 @@ def sweep_efficiency(data: Path, out: Path, k: int, slots: int, epochs: int, res
         "startup_median_s": statistics.median(fresh + reused),
         "startup_fresh_s": statistics.median(fresh) if fresh else None,
         "startup_reused_s": statistics.median(reused) if reused else None,
+        "parts_a": parts_a, "parts_b": parts_b, "idle_slot_s": idle, "load": os.getloadavg(),
     }
 
 
@@ -196,6 +209,10 @@ def main(argv=None) -> None:
         from search.bench_scale import main as scale_main
 
         return scale_main([a for a in argv if a != "--scale"])
+    if "--data-scale" in argv:  # python -m search.bench --data-scale --help
+        from search.bench_data import main as data_main
+
+        return data_main([a for a in argv if a != "--data-scale"])
     p = ArgumentParser(prog="search.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller K, N and epochs (about 10 minutes on 2 cores)")
     p.add_argument("--data", type=Path, default=None, help="dataset (default: the built-in synthetic set)")
@@ -224,6 +241,11 @@ def main(argv=None) -> None:
         print(f"   overhead = wall(a)*S/sum(b) - 1 = {100 * r['overhead']:+.1f} %   [target <= 15 %]")
         split = "".join(f", {label} {r[key]:.2f} s" for label, key in (("new process", "startup_fresh_s"), ("reused process", "startup_reused_s")) if r[key] is not None)
         print(f"   median trial start-up (Tune start -> first optimiser step): {r['startup_median_s']:.2f} s{split}   [target <= 2 s]")
+        a, b = r["parts_a"], r["parts_b"]
+        print(f"   where the time goes, summed over trials, (a) vs (b): training {a['training']:.1f} vs {b['training']:.1f} s, "
+              f"validation {a['validation']:.1f} vs {b['validation']:.1f} s, checkpoints {a['checkpoint']:.1f} s (b: none), "
+              f"Tune's report + checkpoint copy {a['rest']:.1f} s, start-up {a['start-up']:.1f} s; slots idle {r['idle_slot_s']:.1f} "
+              f"slot-s; load average at the end {' '.join(f'{v:.2f}' for v in r['load'])}")
     if 2 in only:
         r = results["pipeline"] = pipeline_vs_model(data, args.repeats)
         print("2. input pipeline vs model at 256 px, batch 16:")

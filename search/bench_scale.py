@@ -112,6 +112,7 @@ class Timers:
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}  # the calling thread's CPU time (less noisy on a shared machine)
         self.calls: dict[str, int] = {}
         self.each: dict[str, list[float]] = {}  # every call's duration, for labels wrapped with keep=True
         self._undo: list = []
@@ -122,12 +123,13 @@ class Timers:
 
         @functools.wraps(original)
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return original(*args, **kwargs)
             finally:
                 took = time.perf_counter() - t0
                 self.seconds[label] = self.seconds.get(label, 0.0) + took
+                self.cpu_seconds[label] = self.cpu_seconds.get(label, 0.0) + time.thread_time() - c0
                 self.calls[label] = self.calls.get(label, 0) + 1
                 if keep:
                     self.each.setdefault(label, []).append(took)
@@ -198,6 +200,11 @@ def processes_cpu_s(env_entry: str) -> dict[str, float]:
     return out
 
 
+def worker_starts(temp_dir: Path) -> int:
+    """Python worker processes the cluster's raylets have started so far (their logs say so)."""
+    return sum(log.read_text(errors="replace").count("Started worker process") for log in Path(temp_dir).glob("session_*/logs/raylet*.out"))
+
+
 def du_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
@@ -211,7 +218,10 @@ def local_cluster(nodes: int, gpus: int, temp_dir: Path):
     many logical CPUs each (one CPU per trial, as ``search.run`` derives it on a GPU node)."""
     per_node = gpus // nodes
     env = {**os.environ, "TUMORSEG_HEAD_PORT": str(HEAD_PORT), "TUMORSEG_NODE_PORT_BASE": str(NODE_PORT_BASE),
-           "TUMORSEG_RAY_TEMP_DIR": str(temp_dir), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+           "TUMORSEG_RAY_TEMP_DIR": str(temp_dir), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           # Ray starts one idle worker per logical CPU when the driver attaches; Tune's trial actors need
+           # their own (another runtime env), so on 2 cores those 64 starts only delay the first trials
+           "RAY_prestart_worker_first_driver": "0"}
     script = str(ROOT / "launch" / "local-cluster.sh")
     t0 = time.perf_counter()
     proc = subprocess.run([script, "start", str(nodes - 1), str(per_node), str(per_node)], check=False, capture_output=True, text=True, env=env)
@@ -293,6 +303,7 @@ def run_sweep(n: int, address: str, gpus: int, out: Path, epoch_s: float, epochs
     data = {"note": "the simulated trials read no data"}
     timers, writes = Timers(), []
     instrument(timers, writes)
+    starts_before = worker_starts(temp_dir)
     marker = f"TUMORSEG_RAY_TEMP_DIR={temp_dir}"
     ray_cpu_before = processes_cpu_s(marker)
     cpu0, t0 = cpu_s(), time.perf_counter()
@@ -334,7 +345,9 @@ def run_sweep(n: int, address: str, gpus: int, out: Path, epoch_s: float, epochs
         "driver_peak_rss_mib": rss.peak_mib, "ray_cpu_s": ray_cpu,
         "csv_writes": len(writes), "csv_final_kib": writes[-1] / 1024 if writes else 0.0, "csv_written_mib": sum(writes) / 2**20,
         "checkpoints_left": len(checkpoints), "checkpoint_bytes_left": sum(du_bytes(c) for c in checkpoints),
-        "timers": {label: {"calls": timers.calls[label], "s": timers.seconds[label]} for label in timers.calls},
+        "timers": {label: {"calls": timers.calls[label], "s": timers.seconds[label], "cpu_s": timers.cpu_seconds[label]}
+                   for label in timers.calls},
+        "worker_starts": worker_starts(temp_dir) - starts_before,
         "suggest_ms": _deciles_ms(timers.each.get("searcher suggest", [])),
         "live_lines": len((run_dir / "live.txt").read_text().splitlines()),
     }
@@ -451,11 +464,12 @@ def searcher_rate(n: int, slots: int) -> dict:
 
 def print_sweep(r: dict, epoch_s: float, nodes: int) -> None:
     t = r["timers"]
-    ms = lambda label: 1000 * t.get(label, {}).get("s", 0.0) / max(1, r["results"])
-    print(f"N={r['n']}: {r['results']} results from {r['n']} trials ({', '.join(f'{v} {k}' for k, v in r['statuses'].items())}), "
-          f"{r['slots']} slots on {nodes} node(s), mean epoch sleep {epoch_s:g} s")
+    ms = lambda label: 1000 * t.get(label, {}).get("cpu_s", 0.0) / max(1, r["results"])
+    trials = sum(r["statuses"].values())
+    print(f"N={r['n']}: {r['results']} results from {trials} trials ({', '.join(f'{v} {k}' for k, v in r['statuses'].items())}), "
+          f"{r['slots']} slots on {nodes} node(s), mean epoch sleep {epoch_s:g} s; {r['worker_starts']} trial processes started")
     print(f"  driver CPU {r['driver_cpu_s']:.1f} s = {r['driver_ms_per_result']:.2f} ms per trial result   [target <= 5 ms at N=2000]")
-    print("    of which (wall ms per result, inclusive): " + ", ".join(
+    print("    of which (main-thread CPU ms per result, inclusive): " + ", ".join(
         f"{label} {ms(label):.2f}" for label in ("Tune: process a result (scheduler, callbacks, searcher)", "experiment-state snapshots",
                                                   "TrialsTableCallback (rows + write)", "searcher suggest", "live view lines")))
     print(f"  wall {r['wall_s']:.0f} s vs ideal {r['ideal_s']:.0f} s (sum of sleeps {r['sum_sleep_s']:.0f} s / {r['slots']} slots): "
@@ -463,12 +477,12 @@ def print_sweep(r: dict, epoch_s: float, nodes: int) -> None:
           f"(steady state {100 * r['steady_utilisation']:.1f} %)   [target >= 95 % at N=2000]")
     print(f"  driver peak RSS {r['driver_peak_rss_mib']:.0f} MiB; Ray processes' CPU during the sweep: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(r["ray_cpu_s"].items())))
-    print(f"  trials.csv: {r['csv_writes']} writes, {t.get('trials.csv writes', {}).get('s', 0):.1f} s in all "
-          f"({1000 * t.get('trials.csv writes', {}).get('s', 0) / max(1, r['csv_writes']):.1f} ms each), final {r['csv_final_kib']:.0f} KiB, "
+    print(f"  trials.csv: {r['csv_writes']} writes, {t.get('trials.csv writes', {}).get('cpu_s', 0):.1f} s CPU in all "
+          f"({1000 * t.get('trials.csv writes', {}).get('cpu_s', 0) / max(1, r['csv_writes']):.1f} ms each), final {r['csv_final_kib']:.0f} KiB, "
           f"{r['csv_written_mib']:.1f} MiB written")
-    snap = t.get("experiment-state snapshots", {"calls": 0, "s": 0})
+    snap = t.get("experiment-state snapshots", {"calls": 0, "s": 0, "cpu_s": 0})
     sug = r["suggest_ms"]
-    print(f"  Tune experiment-state snapshots: {snap['calls']}, {snap['s']:.1f} s in all; searcher: {sug['count']} proposals, "
+    print(f"  Tune experiment-state snapshots: {snap['calls']}, {snap['s']:.1f} s wall, {snap.get('cpu_s', 0):.1f} s CPU; searcher: {sug['count']} proposals, "
           f"{sug['s']:.1f} s = {sug['count'] / max(sug['s'], 1e-9):.0f} proposals per searcher-second; {sug['first']:.1f} ms each "
           f"over the first tenth, {sug['last']:.1f} ms over the last")
     print(f"  report: {r['report_s']:.1f} s, {r['report_mib']:.1f} MiB   [target <= 60 s, <= 15 MB]; importances {r['importance_s']:.1f} s")

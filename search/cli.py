@@ -62,6 +62,9 @@ def build_parser() -> ArgumentParser:
     r.add_argument("--dashboard-host", default="127.0.0.1", help="dashboard bind address (0.0.0.0 exposes it: keep token auth on)")
     r.add_argument("--dashboard-port", type=int, default=8265)
     r.add_argument("--ray-temp-dir", default=None, help="Ray's session/log folder (default: Ray's /tmp/ray)")
+    r.add_argument("--data-path", choices=("auto", "object-store", "node-cache"), default="auto",
+                   help="how trials get the arrays: Ray's object store, or a memory-mapped copy per node of the "
+                        "--cache-dir cache (auto: the object store up to 2 GiB of arrays; see search/datapath.py)")
     r.add_argument("--keep-checkpoints", action="store_true",
                    help="keep finished trials' checkpoints (default: deleted when a trial finishes; --resume never reads them)")
     r.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=True,
@@ -297,6 +300,7 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict, list[str
         points=read_points(args.points, space) if args.points else None,
         reuse_actors=args.reuse_actors,
         keep_checkpoints=args.keep_checkpoints,
+        data_path=args.data_path,
         no_retrain=args.no_retrain,
         verbose=args.verbose,
     )

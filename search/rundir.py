@@ -71,6 +71,7 @@ class SweepSettings:
     points: list[dict] | None = None  # evaluated first; None: the seed recipe
     reuse_actors: bool = True  # run the next trial in a finished trial's warm process (no re-imports)
     keep_checkpoints: bool = False  # False: a trial's checkpoints are deleted when it finishes (search.checkpoints)
+    data_path: str = "auto"  # object-store | node-cache | auto (search.datapath)
     no_retrain: bool = False
     verbose: bool = False  # Ray's own output on the terminal too (always in RAY_LOG)
 

@@ -27,6 +27,7 @@ from typing import Any, Callable
 from tumorseg.config import TrainConfig
 from tumorseg.data import Split, load_split
 
+from search.datapath import trial_data
 from search.rundir import dir_for, trial_index
 
 STATE_FILE = "state.pt"
@@ -138,7 +139,10 @@ def checkpointing_report(report_fn, checkpoint_cls, may_checkpoint: bool = True,
             report_fn(metrics)
             return
         with tempfile.TemporaryDirectory() as directory:
+            started = time.perf_counter()
             save(checkpoint_fn(), directory)
+            # building and writing this epoch's state (Tune then copies the folder into the storage)
+            metrics = {**metrics, "checkpoint_s": time.perf_counter() - started}
             report_fn(metrics, checkpoint=checkpoint_cls.from_directory(directory))
 
     return report
@@ -148,14 +152,13 @@ def tune_trainable(params: dict, *, base: dict, data_ref, encoder_states=None, t
                    workers: int = 1, storage: str | None = None, run=None, save=None, load=None) -> None:
     """The function Ray Tune runs per trial (bound with ``tune.with_parameters``).
 
-    ``data_ref`` is ``{"ref": ObjectRef}`` of the ``load_search_data`` dict, put in the object
-    store once by the driver; ``ray.get`` gives every trial (and every worker) zero-copy views.
+    ``data_ref`` is the handle of the ``load_search_data`` dict (``search.datapath``): an object in
+    Ray's object store (zero-copy views) or the files of the node-local memory-mapped cache.
     ``run`` trains (default ``run_trial``, looked up when the trial starts) and ``save``/``load``
     write and read its resumable state in a checkpoint folder (default ``save_state``/``load_state``:
     torch files); ``search.bench_scale`` passes a calibrated sleep and JSON state instead, to measure
     the orchestration of thousands of trials without training.
     """
-    import ray
     from ray import tune
 
     context = tune.get_context()
@@ -170,7 +173,7 @@ def tune_trainable(params: dict, *, base: dict, data_ref, encoder_states=None, t
         return
     extra.update(_placement())
     report = checkpointing_report(tune.report, tune.Checkpoint, save=save or save_state)
-    (run or run_trial)(params, base=base, data=ray.get(data_ref["ref"]), report=report, threads=threads,
+    (run or run_trial)(params, base=base, data=trial_data(data_ref, params.get("resize_px")), report=report, threads=threads,
                        restore_state=restored_state(tune.get_checkpoint(), load or load_state), encoder_states=encoder_states,
                        extra=extra)
 
@@ -226,7 +229,6 @@ def _run_train_workers(params, base, data_ref, encoder_states, threads, workers,
 
 def train_worker(config: dict) -> None:
     """One Ray Train worker of a data-parallel trial: ``run_trial`` on this rank."""
-    import ray
     from ray import train
 
     import torch
@@ -239,7 +241,7 @@ def train_worker(config: dict) -> None:
     extra = {**config["extra"], **_placement(), "world_size": context.get_world_size()}
     # every rank reports (a collective); rank 0 alone builds and hands over the checkpoint
     report = checkpointing_report(train.report, train.Checkpoint, may_checkpoint=context.get_world_rank() == 0)
-    run_trial(config["params"], base=config["base"], data=ray.get(config["data_ref"]["ref"]), report=report,
+    run_trial(config["params"], base=config["base"], data=trial_data(config["data_ref"], config["params"].get("resize_px")), report=report,
               restore_state=restored_state(train.get_checkpoint()), encoder_states=config["encoder_states"], extra=extra,
               threads=round(config["threads"]))
 

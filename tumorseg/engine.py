@@ -308,7 +308,9 @@ def train(
             lr = optimizer.param_groups[0]["lr"]
             batches = with_progress_bar(loader, epoch, cfg) if progress else loader
             train_stats = train_one_epoch(model, batches, criterion, optimizer, schedule, accelerator, cfg)
+            started = time.perf_counter()
             val, _ = evaluate(eval_model, data["valid"], cfg, criterion, shard)
+            train_stats["val_time_s"] = time.perf_counter() - started
             schedule.step_epoch(val["loss"])
             metrics, improved = run.record(epoch, lr, train_stats, val, eval_model)
             if log and accelerator.is_main_process:
