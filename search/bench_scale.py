@@ -300,7 +300,7 @@ def run_sweep(n: int, address: str, gpus: int, out: Path, epoch_s: float, epochs
         slots = place_trials(settings, base)
     rundir.write_sweep_json(run_dir, settings, space, base, notes=notes, sampler=sampler_settings(settings), argv=argv)
     code = trial_code(epoch_s, space.resize_choices, checkpoint_kb)
-    data = {"note": "the simulated trials read no data"}
+    data = {}  # the simulated trials read no data
     timers, writes = Timers(), []
     instrument(timers, writes)
     starts_before = worker_starts(temp_dir)
