@@ -94,7 +94,8 @@ def run_trial(
     def on_epoch(metrics: dict, state_fn) -> None:
         nonlocal last_epoch
         last_epoch = metrics["epoch"]
-        report({**metrics, **extra}, state_fn)
+        # the last epoch's state would never be read: the trial is finished (its checkpoints go)
+        report({**metrics, **extra}, state_fn if last_epoch < cfg.epochs else None)
 
     try:
         train(cfg, data[cfg.resize_px], on_epoch, resume_state=restore_state, encoder_state=encoder_state, log=log, progress=progress)
