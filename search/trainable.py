@@ -31,6 +31,7 @@ from search.datapath import trial_data
 from search.rundir import dir_for, trial_index
 
 STATE_FILE = "state.pt"
+CHECKPOINT_COST_SHARE = 0.05  # checkpoints take at most ~5 % of a trial's time (checkpointing_report)
 TRAIN_DIR = "train"  # a data-parallel trial's Ray Train run (its checkpoints) inside the trial's folder
 COORDINATOR_CPUS = 0.01  # what a data-parallel trial's own function holds: it only waits on its trainer
 
@@ -128,23 +129,32 @@ def restored_state(checkpoint, load=load_state) -> dict | None:
         return load(directory)
 
 
-def checkpointing_report(report_fn, checkpoint_cls, may_checkpoint: bool = True, save=save_state) -> Report:
+def checkpointing_report(report_fn, checkpoint_cls, may_checkpoint: bool = True, save=save_state,
+                         cost_share: float = CHECKPOINT_COST_SHARE, clock=time.perf_counter) -> Report:
     """A ``Report`` over Ray's ``report_fn`` that saves the state (``save(state, directory)``) as a
-    ``checkpoint_cls`` when asked.
+    ``checkpoint_cls`` when asked and when it is due.
 
-    ``may_checkpoint=False`` (a non-zero rank) only reports, never building the state.
+    Due: the first time, then once the time since the last checkpoint is at least its cost (save,
+    plus Tune copying it into the storage) / ``cost_share``, so checkpoints take at most about that
+    share of a trial's time. With minutes-long epochs that is every epoch; with epochs of a few
+    seconds and a 165 MB state, every few epochs (a crash then repeats those few). A checkpointed
+    report carries ``checkpoint_s``. ``may_checkpoint=False`` (a non-zero rank) only reports,
+    never building the state.
     """
+    last = {"end": None, "cost_s": 0.0}
 
     def report(metrics: dict, checkpoint_fn) -> None:
-        if checkpoint_fn is None or not may_checkpoint:
+        started = clock()
+        due = last["end"] is None or started - last["end"] >= last["cost_s"] / cost_share
+        if checkpoint_fn is None or not may_checkpoint or not due:
             report_fn(metrics)
             return
         with tempfile.TemporaryDirectory() as directory:
-            started = time.perf_counter()
             save(checkpoint_fn(), directory)
-            # building and writing this epoch's state (Tune then copies the folder into the storage)
-            metrics = {**metrics, "checkpoint_s": time.perf_counter() - started}
-            report_fn(metrics, checkpoint=checkpoint_cls.from_directory(directory))
+            metrics = {**metrics, "checkpoint_s": clock() - started}  # building and writing the state
+            report_fn(metrics, checkpoint=checkpoint_cls.from_directory(directory))  # Tune copies it into the storage
+        last["end"] = clock()
+        last["cost_s"] = last["end"] - started
 
     return report
 

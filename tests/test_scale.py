@@ -177,3 +177,27 @@ def test_scale_bench_runs_simulated_trials_through_the_real_trainable(tmp_path):
     table = pd.read_csv(tmp_path / "out" / "scale-12" / "trials.csv")
     assert len(table) == 12 and set(table["status"]) <= {"COMPLETED", "STOPPED_EARLY"}
     assert table["node_id"].notna().all()  # reported from inside the real trainable
+
+
+# ----------------------------------------------------------------------------- checkpoints at a bounded cost
+
+
+def test_checkpoints_are_written_when_their_cost_is_a_small_share_of_the_time_since_the_last():
+    from search.trainable import checkpointing_report
+
+    now = [0.0]
+    reports = []
+
+    def save(state, directory):
+        now[0] += 1.0  # writing the state takes 1 s
+
+    checkpoint_cls = SimpleNamespace(from_directory=lambda directory: "checkpoint")
+    report = checkpointing_report(lambda metrics, checkpoint=None: reports.append((metrics["epoch"], checkpoint)),
+                                  checkpoint_cls, save=save, cost_share=0.5, clock=lambda: now[0])
+    for epoch, at in ((1, 0.0), (2, 2.0), (3, 3.0), (4, 4.5), (5, 6.0)):
+        now[0] = at
+        report({"epoch": epoch}, lambda: {"epoch": epoch})
+    # a checkpoint costs 1 s: due again once 1 / 0.5 = 2 s have passed since the last one ended
+    assert reports == [(1, "checkpoint"), (2, None), (3, "checkpoint"), (4, None), (5, "checkpoint")]
+    report({"epoch": 6}, None)  # nothing to save (a finished trial's last epoch)
+    assert reports[-1] == (6, None)
