@@ -64,13 +64,17 @@ def sweep_url(settings) -> str:
 
 
 def normalise(url: str) -> str:
-    """A URL SQLAlchemy can open from anywhere: a plain path is a SQLite file, a SQLite path is made
-    absolute; ``postgresql://`` uses psycopg2 when it is installed and psycopg (SQLAlchemy 2's
-    default driver) is not."""
+    """The URL as given, usable from any folder: a plain path is a SQLite file; a SQLite path is made absolute."""
     if "://" not in url:
         return f"sqlite:///{Path(url).expanduser().resolve()}"
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:" and not url.startswith("sqlite:////"):
         return f"sqlite:///{Path(url[len('sqlite:///'):]).expanduser().resolve()}"
+    return url
+
+
+def with_driver(url: str) -> str:
+    """``postgresql://`` with the driver installed here: psycopg2 (the ``[postgres]`` extra) when
+    psycopg, SQLAlchemy 2's default, is not installed."""
     if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
             and importlib.util.find_spec("psycopg2") is not None:
         return "postgresql+psycopg2://" + url[len("postgresql://"):]
@@ -83,7 +87,7 @@ def _parse(url: str, flag: str = "--study-storage"):
 
     try:
         return make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigError(f"{flag} {url}: not a database URL (e.g. sqlite:///path/study.db or "
                           "postgresql://user@host/db)") from None
 
@@ -91,7 +95,7 @@ def _parse(url: str, flag: str = "--study-storage"):
 def redact(url: str) -> str:
     """``url`` without its password (what sweep.json, messages and pickles hold)."""
     parsed = _parse(url)
-    return parsed.set(password=None).render_as_string(hide_password=False) if parsed.password else url
+    return parsed._replace(password=None).render_as_string(hide_password=False) if parsed.password else url
 
 
 def redact_argv(argv: list[str]) -> list[str]:
@@ -143,10 +147,10 @@ def open_storage(url: str, flag: str = "--study-storage", hint: str = ""):
             probe.unlink()
         except OSError as err:
             raise ConfigError(f"{flag} {shown}: cannot write to the folder {folder} ({err.strerror or err})") from None
-    elif backend == "postgresql" and parsed.get_driver_name() == "psycopg2":
+    elif backend == "postgresql" and _parse(with_driver(url)).get_driver_name() == "psycopg2":
         engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails, not hangs
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        return optuna.storages.RDBStorage(with_driver(url), engine_kwargs=engine_kwargs)
     except ImportError:
         extra = " (pip install -e '.[postgres]')" if backend == "postgresql" else ""
         raise ConfigError(f"{flag} {shown}: no database driver for {parsed.drivername} is installed{extra}") from None
@@ -183,7 +187,7 @@ def study_record(settings, url: str) -> dict:
         "states": "COMPLETED -> COMPLETE; STOPPED_EARLY (ASHA) -> PRUNED, valued at its last epoch; "
                   "FAILED, ERROR -> FAIL; running or interrupted -> RUNNING (--resume continues it)",
         "pruned_trials": PRUNED_TRIALS[settings.sampler],
-        "dashboard": f"optuna-dashboard {redact(url)} --host 127.0.0.1",
+        "dashboard": f"optuna-dashboard {with_driver(redact(url))} --host 127.0.0.1",
     }
 
 
@@ -195,7 +199,7 @@ def run_url(run_dir: Path, sweep: dict) -> str | None:
         return None
     if sweep.get("settings", {}).get("study_storage") is None:
         return default_url(run_dir)
-    return connect_url(Path(run_dir).name, study["storage"])
+    return connect_url(study["study_name"], study["storage"])
 
 
 def load_run_study(run_dir: Path, sweep: dict, url: str | None = None):
@@ -208,11 +212,11 @@ def load_run_study(run_dir: Path, sweep: dict, url: str | None = None):
                       "importances and Optuna's plots need it; trials.csv and the learning curves below are complete")
     if url.startswith("sqlite:///") and not Path(_parse(url).database).is_file():
         return None, f"the study database {_parse(url).database} does not exist (yet)"
+    name = sweep["study"]["study_name"]
     try:
-        storage = open_storage(normalise(url))
-        return optuna.load_study(study_name=Path(run_dir).name, storage=storage), None
+        return optuna.load_study(study_name=name, storage=open_storage(url)), None
     except (ConfigError, KeyError) as err:
-        return None, f"cannot load the study {Path(run_dir).name!r} from {redact(url)} ({err})"
+        return None, f"cannot load the study {name!r} from {redact(url)} ({err})"
 
 
 # ----------------------------------------------------------------------------- recording trials

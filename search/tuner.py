@@ -97,8 +97,8 @@ def make_tuner(settings: SweepSettings, space: SearchSpace, trainable, max_concu
 
     from search.studysearch import StudyCallback
 
-    if storage_url is not None:  # mirrors every trial into the study
-        callbacks = [*callbacks, StudyCallback(settings.name, storage_url, settings.epochs, METRIC)]
+    if storage_url is not None:  # mirrors every trial into the study; first, so what trials.csv shows is in the study
+        callbacks = [StudyCallback(settings.name, storage_url, settings.epochs, METRIC), *callbacks]
 
     return tune.Tuner(
         trainable,
