@@ -203,3 +203,22 @@ def test_optuna_dashboard_serves_the_sweeps_study(finished_sweep, tmp_path):
         seen[attrs[studydb.TUNE_ID_ATTR]] = (trial["state"].upper(), trial["values"][0])
     expected = {tid: (studydb.STATES[row["status"]], pytest.approx(row["best_val_dice"])) for tid, row in table.iterrows()}
     assert seen == expected
+
+
+# ----------------------------------------------------------------------------- the sampler benchmark
+
+
+def test_sampler_benchmark_counts_the_best_in_proposal_order_on_a_seeded_part_of_the_data(synthetic_dir, tmp_path):
+    from search.bench_samplers import best_after, coco_fraction
+    from tumorseg.data import DataOptions, open_dataset
+
+    table = pd.DataFrame({"trial_index": [2, 0, 1, 3, 4], "best_val_dice": [0.5, 0.2, None, 0.4, 0.7]})  # None: failed
+    assert best_after(table, [1, 2, 3, 4, 12]) == {1: 0.2, 2: 0.2, 3: 0.5, 4: 0.5, 12: 0.7}
+    part = coco_fraction(synthetic_dir, tmp_path, 0.25)
+    assert coco_fraction(synthetic_dir, tmp_path, 0.25) == part  # again: the same part
+    sizes = {name: len(split) for name, split in open_dataset(part, DataOptions()).splits.items()}
+    assert sizes == {"train": 24, "valid": 6, "test": 4}  # a quarter of 96 / 24 / 16
+    for split in ("train", "valid"):
+        coco = json.loads((part / split / "_annotations.coco.json").read_text())
+        assert {a["image_id"] for a in coco["annotations"]} <= {i["id"] for i in coco["images"]}
+        assert all((part / split / i["file_name"]).is_symlink() for i in coco["images"])
