@@ -22,10 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from tumorseg.cli import ArgumentParser, parse_int_list
-
 from search.rundir import TRIALS_CSV
 from search.tuner import SAMPLERS
+from tumorseg.cli import ArgumentParser, parse_int_list
 
 ROOT = Path(__file__).resolve().parents[1]
 

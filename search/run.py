@@ -21,7 +21,7 @@ from tumorseg.cli import exit_on_user_error
 from tumorseg.config import TrainConfig
 from tumorseg.errors import ConfigError
 
-from search import cluster, rundir
+from search import cluster, rundir, study
 from search.cli import RESUMED_SETTINGS, build_parser, check_resume_flags, explicit_flags, settings_from_args
 from search.rundir import SweepSettings
 from search.space import SearchSpace
@@ -125,8 +125,6 @@ def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: li
     """
     cluster.use_auth_token(settings)  # before Ray is imported
     from tumorseg.model import load_encoder_states
-
-    from search import study
 
     check_writable(settings.storage, settings.run_dir)
     study_url = study.sweep_url(settings) if with_study else None

@@ -29,9 +29,9 @@ import importlib.util
 import math
 from pathlib import Path
 
+from search.rundir import STUDY_DB
 from tumorseg.errors import ConfigError
 
-from search.rundir import STUDY_DB
 TUNE_ID_ATTR = "tune_trial_id"  # the user attribute that ties an Optuna trial to its Tune trial
 STALE_REASON = ("left RUNNING by a driver that stopped before Tune saved this trial, so --resume could not "
                 "continue it")
@@ -128,9 +128,9 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(err).__name__
 
 
-def open_storage(url: str, flag: str = "--study-storage", hint: str = ""):
+def open_storage(url: str, flag: str = "--study-storage", hint: str = "", write: bool = True):
     """An ``RDBStorage`` for ``url`` (tables created if missing); ``ConfigError`` in one line when the
-    database cannot be reached, authenticated or written."""
+    database cannot be reached, authenticated or (``write``) written."""
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -138,7 +138,7 @@ def open_storage(url: str, flag: str = "--study-storage", hint: str = ""):
     shown = redact(url)
     engine_kwargs: dict = {"pool_pre_ping": True}  # a server may drop idle connections during a long sweep
     backend = parsed.get_backend_name()
-    if backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
+    if write and backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
         folder = Path(parsed.database).expanduser().parent
         try:  # SQLite reports only "unable to open database file": name the folder and the reason
             folder.mkdir(parents=True, exist_ok=True)
@@ -214,7 +214,7 @@ def load_run_study(run_dir: Path, sweep: dict, url: str | None = None):
         return None, f"the study database {_parse(url).database} does not exist (yet)"
     name = sweep["study"]["study_name"]
     try:
-        return optuna.load_study(study_name=name, storage=open_storage(url)), None
+        return optuna.load_study(study_name=name, storage=open_storage(url, write=False)), None
     except (ConfigError, KeyError) as err:
         return None, f"cannot load the study {name!r} from {redact(url)} ({err})"
 

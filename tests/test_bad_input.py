@@ -96,8 +96,8 @@ CLI_CASES = [
     ("search.run", ["--data", "/no/such/folder"], "--data: folder not found: /no/such/folder"),
     ("search.run", ["--sampler", "cmaes"], "argument --sampler: invalid choice: 'cmaes'"),
     ("search.run", ["--study-storage", "postgresql://tumorseg@127.0.0.1:1/study"],  # nothing listens on port 1
-     "--study-storage postgresql://tumorseg@127.0.0.1:1/study: cannot open the study database (connection to server at "
-     '"127.0.0.1", port 1 failed: Connection refused'),
+     ("--study-storage postgresql://tumorseg@127.0.0.1:1/study: cannot open the study database (connection to server at "
+      '"127.0.0.1", port 1 failed: Connection refused')),
     ("search.run", ["--study-storage", "sqlite:////sys/study.db"],  # sysfs: no user, root included, may create files
      "--study-storage sqlite:////sys/study.db: cannot write to the folder /sys (Permission denied)"),
     ("search.run", ["--study-storage", "postgresql://tumorseg@db:port/x"], "--study-storage postgresql://tumorseg@db:port/x: not a database URL"),

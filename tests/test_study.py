@@ -187,8 +187,9 @@ def test_optuna_dashboard_serves_the_sweeps_study(finished_sweep, tmp_path):
     run_dir, _ = finished_sweep
     port = _free_port()
     binary = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent)) or "optuna-dashboard"
-    server = subprocess.Popen([binary, f"sqlite:///{run_dir / 'study.db'}", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "dashboard.log", "w"))
+    with open(tmp_path / "dashboard.log", "w") as log:
+        server = subprocess.Popen([binary, f"sqlite:///{run_dir / 'study.db'}", "--host", "127.0.0.1", "--port", str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=log)
     try:
         studies = _get_json(f"http://127.0.0.1:{port}/api/studies", timeout_s=60)["study_summaries"]
         assert [s["study_name"] for s in studies] == ["six"]
