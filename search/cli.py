@@ -23,13 +23,15 @@ from tumorseg.errors import ConfigError
 
 from search.rundir import RAY_LOG, SweepSettings
 from search.space import OPTIONAL_NAMES, PARAM_NAMES, PARAMS, SearchSpace, define_by_run, fit_to_budget, read_space_file
+from search.study import normalise
+from search.tuner import SAMPLERS
 
 # TrainConfig fields with a sweep-specific meaning, defined by hand below
 SWEEP_OWNED_FIELDS = ("epochs", "seed", "num_workers")
 # flags that may differ on --resume (they change how the driver runs, not what the sweep is);
 # RESUMED_SETTINGS are the SweepSettings fields such a flag sets on the saved sweep
 RESUMED_SETTINGS = ("dashboard", "dashboard_host", "dashboard_port", "ray_temp_dir", "no_retrain", "retrain_seeds",
-                    "cache_dir", "verbose")
+                    "cache_dir", "verbose", "study_storage")
 RESUMABLE_FLAGS = {"name", "storage", "resume", "address", *RESUMED_SETTINGS}
 # tumorseg.data.add_data_arguments' flags (their values live in SweepSettings.data_options)
 DATA_FLAGS = {"layout", "labels", "split", "split_seed", "group_by", "splits", "allow_unlabelled"}
@@ -70,6 +72,11 @@ def build_parser() -> ArgumentParser:
     t.add_argument("--grace-period", type=int, default=2, help="ASHA: epochs before a trial may be stopped")
     t.add_argument("--reduction-factor", type=float, default=3, help="ASHA: keep 1/this of trials at each rung")
     t.add_argument("--max-failures", type=int, default=2, help="retries of a crashing trial (from its checkpoint)")
+    t.add_argument("--sampler", choices=SAMPLERS, default="tpe",
+                   help="Optuna sampler: tpe (default), gp (Gaussian process, small budgets), random, qmc (Sobol)")
+    t.add_argument("--study-storage", default=None, metavar="URL",
+                   help="the Optuna study's database, any SQLAlchemy URL, e.g. postgresql://user@host/db "
+                        "(default: sqlite:///STORAGE/NAME/study.db; the password is never saved)")
     t.add_argument("--retrain-seeds", type=int, default=1, help="seeds for retraining the best config and the seed recipe")
     t.add_argument("--no-retrain", action="store_true", help="stop after the sweep (run search.retrain later)")
     sp = p.add_argument_group("search space (see search/space.py)")
@@ -296,6 +303,8 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict, list[str
         reuse_actors=args.reuse_actors,
         no_retrain=args.no_retrain,
         verbose=args.verbose,
+        sampler=args.sampler,
+        study_storage=normalise(args.study_storage) if args.study_storage else None,
     )
     check_models(space)
     base = {**base_config(args), **space.fixed_params()}

@@ -2,10 +2,14 @@
 
     python -m search.report RUN_DIR        # writes RUN_DIR/report.html
 
+    python -m search.report RUN_DIR --study-storage URL   # a study whose URL needs its password
+
 Built only from the run's own plain files (``sweep.json``, ``trials.csv``, each trial's
-``result.json`` lines, ``final/metrics.json`` and its PNGs): nothing in the results folder is
-unpickled or executed. Works on finished, interrupted and still-running sweeps; sections whose
-inputs do not exist yet say so.
+``result.json`` lines, ``final/metrics.json`` and its PNGs) and its Optuna study (``study.db`` or
+``--study-storage``), read through Optuna: nothing in the results folder is unpickled or executed.
+Works on finished, interrupted and still-running sweeps; sections whose inputs do not exist yet
+say so. A run folder made before sweeps kept their study (no ``study.db``) gets no importances
+or Optuna plots, with a note that says why; everything else is shown.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import math
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +30,7 @@ from tumorseg.cli import ArgumentParser, exit_on_user_error
 from tumorseg.errors import UserError
 
 from search.rundir import BEST_CONFIG_JSON, DATA_SUMMARY_TXT, FINAL_DIR, REPORT_HTML, TUNE_DIR, read_sweep_json
-from search.space import SearchSpace, applicable_params, distributions
+from search.study import load_run_study
 from search.trials import model_label, pareto_front, read_table, scored_trials
 
 MIN_TRIALS_FOR_IMPORTANCE = 10  # below this the importances are shown with a warning
@@ -34,6 +39,8 @@ STATUS_COLOURS = {
     "RUNNING": "#ff7f0e", "PENDING": "#999999", "PAUSED": "#bcbd22",
 }
 REPORT_METRICS = ("dice", "iou", "f1", "precision", "recall", "dice_loss")
+STUDY_STATE_WORDS = {"PRUNED": "PRUNED (stopped by ASHA)", "FAIL": "FAIL (failed or crashed)", "RUNNING": "RUNNING",
+                     "WAITING": "WAITING (queued points)"}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -60,37 +67,21 @@ def load_curves(run_dir: Path, table: pd.DataFrame | None) -> dict[str, pd.DataF
     return curves
 
 
-def rebuild_study(table: pd.DataFrame | None, space: SearchSpace):
-    """An Optuna study with one COMPLETE trial per scored Tune trial (value = best val Dice).
-
-    ASHA-stopped trials enter with the best Dice they reached: the study answers "which
-    parameters went with good validation Dice in this sweep", which is what the search used.
-    """
+def complete_trials(study) -> list:
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize")
-    for row in scored_trials(table).to_dict("records"):
-        params = applicable_params(row)
-        study.add_trial(
-            optuna.trial.create_trial(
-                params=params,
-                distributions=distributions(space, params),
-                value=float(row["best_val_dice"]),
-                user_attrs={"tune_trial_id": row["trial_id"], "status": row["status"]},
-            )
-        )
-    return study
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
 def common_params(study) -> list[str]:
-    """Parameters every trial of ``study`` has (conditional ones drop out unless always sampled)."""
-    names = [set(t.params) for t in study.trials]
+    """Parameters every COMPLETE trial of ``study`` has (conditional ones drop out unless always sampled)."""
+    names = [set(t.params) for t in complete_trials(study)]
     return sorted(set.intersection(*names)) if names else []
 
 
 def importances(study) -> dict[str, dict[str, float]]:
-    """fANOVA (seeded) and PED-ANOVA importances of the parameters every trial has."""
+    """fANOVA (seeded) and PED-ANOVA importances of the parameters every COMPLETE trial has
+    (Optuna's evaluators read COMPLETE trials only)."""
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
 
@@ -378,43 +369,47 @@ def _image_html(path: Path, caption: str) -> str:
 # ----------------------------------------------------------------------------- the report
 
 
-def build_report(run_dir: Path) -> Path:
-    """Write ``run_dir/report.html`` and return its path."""
+def build_report(run_dir: Path, study_url: str | None = None) -> Path:
+    """Write ``run_dir/report.html`` and return its path (``study_url``: where the study is, if not
+    where sweep.json says)."""
     import optuna.visualization as ov
     from plotly.offline import get_plotlyjs
 
     run_dir = Path(run_dir)
     sweep = read_sweep_json(run_dir)
-    space = SearchSpace.from_dict(sweep["space"])
     max_epochs = int(sweep["settings"]["epochs"])
     table = read_table(run_dir)
     final_path = run_dir / FINAL_DIR / "metrics.json"
     final = json.loads(final_path.read_text()) if final_path.is_file() else None
     best_path = run_dir / BEST_CONFIG_JSON
     best = json.loads(best_path.read_text()) if best_path.is_file() else None
-    scored = scored_trials(table)
     n_trials = 0 if table is None else len(table)
     sections = [headline_html(final, best)]
     data_summary = run_dir / DATA_SUMMARY_TXT
     if data_summary.is_file():
         sections.append("<h3>Data</h3><pre>" + html.escape(data_summary.read_text()) + "</pre>")
 
-    # 2-3: importance, history, parallel coordinates, slices (Optuna on the rebuilt study)
+    # 2-3: importance, history, parallel coordinates, slices (Optuna on the sweep's own study)
     sections.append("<h2>2. Parameter importance</h2>")
-    if len(scored) < 2:
-        sections.append(f"<p class='warn'>Not enough scored trials for importances ({len(scored)} of {n_trials}).</p>")
-        values = {}
+    study, why_not = load_run_study(run_dir, sweep, study_url)
+    complete = complete_trials(study) if study is not None else []
+    if study is None:
+        sections.append(f"<p class='warn'>No Optuna study: {html.escape(why_not)}.</p>")
+    elif len(complete) < 2:
+        sections.append(f"<p class='warn'>Not enough complete trials for importances ({len(complete)} of {n_trials} "
+                        "ran every epoch; Optuna's evaluators leave out pruned and failed trials).</p>")
     else:
-        study = rebuild_study(table, space)
         values = importances(study)
-        caveat = "" if len(scored) >= MIN_TRIALS_FOR_IMPORTANCE else (
-            f" <span class='warn'>Only {len(scored)} trials: too few to trust these importances "
+        caveat = "" if len(complete) >= MIN_TRIALS_FOR_IMPORTANCE else (
+            f" <span class='warn'>Only {len(complete)} trials: too few to trust these importances "
             f"(want at least {MIN_TRIALS_FOR_IMPORTANCE}).</span>")
+        others = Counter(t.state.name for t in study.get_trials(deepcopy=False) if t.state.name != "COMPLETE")
+        left_out = ", ".join(f"{n} {STUDY_STATE_WORDS.get(state, state)}" for state, n in sorted(others.items()))
         sections.append(
-            f"<p>Computed by Optuna's fANOVA and PED-ANOVA evaluators on a study rebuilt from "
-            f"<b>{len(scored)}</b> scored trials (value: each trial's best validation Dice; trials stopped by "
-            f"ASHA enter with the Dice they reached; failed trials are left out). Conditional parameters are "
-            f"excluded because not every trial has them.{caveat}</p>")
+            f"<p>Computed by Optuna's fANOVA and PED-ANOVA evaluators on the sweep's study over its "
+            f"<b>{len(complete)}</b> COMPLETE trials (those that ran every epoch; value: best validation Dice). "
+            f"Optuna leaves out the others ({left_out or 'none'}); the learning curves below show every trial. "
+            f"Conditional parameters are excluded because not every trial has them.{caveat}</p>")
         if any("error" not in v for v in values.values()):
             sections.append(_fig_html(importance_figure(values)))
         for name, scores in values.items():
@@ -422,7 +417,8 @@ def build_report(run_dir: Path) -> Path:
                 sections.append(f"<p class='warn'>{name}: {html.escape(scores['error'])}</p>")
             else:
                 sections.append(f"<p>{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + "</p>")
-        sections.append("<h2>3. The sweep at a glance</h2>")
+    if complete:
+        sections.append("<h2>3. The sweep at a glance</h2><p>Optuna's plots of the study's COMPLETE trials.</p>")
         sections.append(_fig_html(ov.plot_optimization_history(study, target_name="best val Dice")))
         sections.append(_fig_html(ov.plot_parallel_coordinate(study, target_name="best val Dice")))
         sections.append("<p>Slice plots: each conditional parameter shows only the trials that sampled it.</p>")
@@ -493,11 +489,13 @@ Report written {time.strftime('%Y-%m-%d %H:%M:%S')} from {html.escape(str(run_di
 def main(argv=None) -> None:
     p = ArgumentParser(prog="search.report", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
+    p.add_argument("--study-storage", default=None, metavar="URL",
+                   help="the study's database URL with its password (default: the one in sweep.json)")
     args = p.parse_args(argv)
     with exit_on_user_error("search.report"):
         if not args.run_dir.is_dir():
             raise UserError(f"run folder not found: {args.run_dir}")
-        print(build_report(args.run_dir))  # without sweep.json: read_sweep_json's one-line error
+        print(build_report(args.run_dir, args.study_storage))  # without sweep.json: read_sweep_json's one-line error
 
 
 if __name__ == "__main__":

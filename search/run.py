@@ -21,7 +21,7 @@ from tumorseg.cli import exit_on_user_error
 from tumorseg.config import TrainConfig
 from tumorseg.errors import ConfigError
 
-from search import cluster, rundir
+from search import cluster, rundir, study
 from search.cli import RESUMED_SETTINGS, build_parser, check_resume_flags, explicit_flags, settings_from_args
 from search.rundir import SweepSettings
 from search.space import SearchSpace
@@ -56,12 +56,15 @@ def run(args, argv: list[str], given: set[str]) -> None:
         check_resume_flags(given, (settings, space, base), (saved_settings, saved_space, saved_base))
         settings, space, base, notes = saved_settings, saved_space, saved_base, payload.get("seed_point_notes", [])
         print(f"resuming {settings.run_dir}")
+        if "study" not in payload:
+            print("note: this sweep predates its Optuna study database: it continues without one")
     elif rundir.holds_sweep(settings.run_dir):
         raise ConfigError(f"--name {settings.name!r}: {settings.run_dir} already holds a sweep; continue it with "
                           f"--name {settings.name} --resume, or choose another --name")
     for note in notes:
         print(f"note: {note}")
-    finished = run_sweep(settings, space, base, notes, argv, restore=args.resume)
+    with_study = not args.resume or "study" in payload
+    finished = run_sweep(settings, space, base, notes, argv, restore=args.resume, with_study=with_study)
     finish(settings, base, finished)
 
 
@@ -114,8 +117,9 @@ def prepare_data(settings: SweepSettings, space: SearchSpace, base: dict, restor
     return data
 
 
-def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: list[str], argv: list[str], restore: bool) -> bool:
-    """Check data, storage and cluster, claim the run folder, run (or continue) the Tune experiment.
+def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: list[str], argv: list[str], restore: bool,
+              with_study: bool = True) -> bool:
+    """Check storage, study database, data and cluster, claim the run folder, run (or continue) the Tune experiment.
 
     Returns True when every trial finished.
     """
@@ -123,6 +127,10 @@ def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: li
     from tumorseg.model import load_encoder_states
 
     check_writable(settings.storage, settings.run_dir)
+    study_url = study.sweep_url(settings) if with_study else None
+    if study_url is not None:
+        study.check_study(study_url, settings.name, resume=restore)
+        study.register_url(settings.name, study_url)  # the restored searcher reconnects with it
     # once, for every encoder of the space, shipped to every trial
     encoder_states = load_encoder_states(base["encoder_weights"], space.encoders)
     data = prepare_data(settings, space, base, restore)
@@ -135,9 +143,9 @@ def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: li
         if not restore:
             from search.tuner import sampler_settings
 
-            rundir.write_sweep_json(settings.run_dir, settings, space, base, notes=notes,
-                                    sampler=sampler_settings(settings), argv=argv)
-        return fit(settings, space, base, data, encoder_states, slots, restore)
+            rundir.write_sweep_json(settings.run_dir, settings, space, base, notes=notes, sampler=sampler_settings(settings),
+                                    argv=study.redact_argv(argv), study=study.study_record(settings, study_url))
+        return fit(settings, space, base, data, encoder_states, slots, restore, study_url)
     finally:
         # The retrain runs in this process: free the idle trial processes (reused actors) and their
         # memory now, so they neither compete with it nor log their shutdown into its output.
@@ -166,7 +174,8 @@ def place_trials(settings: SweepSettings, base: dict) -> int:
     return slots
 
 
-def fit(settings: SweepSettings, space: SearchSpace, base: dict, data, encoder_states, slots: int, restore: bool) -> bool:
+def fit(settings: SweepSettings, space: SearchSpace, base: dict, data, encoder_states, slots: int, restore: bool,
+        study_url: str | None = None) -> bool:
     from search.callbacks import LiveViewCallback, TrialsTableCallback
     from search.trials import FINISHED, read_table
     from search.tuner import make_trainable, make_tuner, restore_tuner
@@ -177,7 +186,7 @@ def fit(settings: SweepSettings, space: SearchSpace, base: dict, data, encoder_s
     else:
         callbacks = [TrialsTableCallback(settings.run_dir, settings.epochs),
                      LiveViewCallback(settings.run_dir, settings.num_samples, settings.epochs, slots)]
-        tuner = make_tuner(settings, space, trainable, slots, callbacks)
+        tuner = make_tuner(settings, space, trainable, slots, callbacks, study_url)
     interrupted = False
     try:
         tuner.fit()

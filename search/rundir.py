@@ -2,6 +2,7 @@
 
     sweep.json         settings, search space, fixed trial config, sampler, command, versions
     trials.csv         one row per trial (``search.trials``)
+    study.db           the Optuna study, SQLite (``search.study``; not written with --study-storage URL)
     best_config.json   the best trial's parameters and full TrainConfig
     tune/              Ray Tune's experiment folder, one ``trial_NNN_<id>/`` per trial
     data_summary.txt   dataset, splits, trivial baselines (``python -m tumorseg.data`` in three lines)
@@ -40,7 +41,8 @@ TUNE_DIR = "tune"  # Ray's experiment folder inside the run folder
 FINAL_DIR = "final"
 REPORT_HTML = "report.html"
 RAY_LOG = "ray.log"  # Ray's and Optuna's own log (the terminal shows the live view)
-DRIVER_FILES = (SWEEP_JSON, TRIALS_CSV, BEST_CONFIG_JSON, SPLITS_JSON, DATA_SUMMARY_TXT, FINAL_DIR)  # what --resume downloads from a URI
+STUDY_DB = "study.db"  # the Optuna study (SQLite) unless --study-storage names a database
+DRIVER_FILES = (SWEEP_JSON, TRIALS_CSV, BEST_CONFIG_JSON, SPLITS_JSON, DATA_SUMMARY_TXT, FINAL_DIR, STUDY_DB)  # what --resume downloads from a URI
 
 
 @dataclass
@@ -72,6 +74,8 @@ class SweepSettings:
     reuse_actors: bool = True  # run the next trial in a finished trial's warm process (no re-imports)
     no_retrain: bool = False
     verbose: bool = False  # Ray's own output on the terminal too (always in RAY_LOG)
+    sampler: str = "tpe"  # search.tuner.SAMPLERS
+    study_storage: str | None = None  # the study's database URL; None: STUDY_DB in the run folder
 
     @property
     def run_dir(self) -> Path:
@@ -122,13 +126,18 @@ def holds_sweep(run_dir: Path) -> bool:
 
 
 def write_sweep_json(run_dir: Path, settings: SweepSettings, space: SearchSpace, base: dict, *,
-                     notes: list[str], sampler: dict, argv: list[str]) -> None:
+                     notes: list[str], sampler: dict, argv: list[str], study: dict | None = None) -> None:
+    """``study``: where the Optuna study is and how it mirrors the sweep (passwords already removed)."""
+    recorded = dataclasses.asdict(settings)
+    if study is not None and settings.study_storage is not None:
+        recorded["study_storage"] = study["storage"]  # never the password (the caller redacts argv too)
     payload = {
-        "settings": dataclasses.asdict(settings),
+        "settings": recorded,
         "space": space.to_dict(),
         "base_config": base,
         "seed_point_notes": notes,
         "sampler": sampler,
+        **({"study": study} if study is not None else {}),
         "command": "python -m search.run " + " ".join(shlex.quote(a) for a in argv),
         "versions": package_versions(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
