@@ -72,6 +72,7 @@ class SweepSettings:
     reuse_actors: bool = True  # run the next trial in a finished trial's warm process (no re-imports)
     no_retrain: bool = False
     verbose: bool = False  # Ray's own output on the terminal too (always in RAY_LOG)
+    mlflow: str | None = None  # --mlflow: a folder or tracking URI (search.tracking); None: no MLflow
 
     @property
     def run_dir(self) -> Path:
