@@ -52,6 +52,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--verbose", action="store_true",
                    help=f"show Ray's own output (status boxes, warnings, worker logs) here too, not only in NAME/{RAY_LOG}")
     g.add_argument("--cache-dir", default=None, help="array cache (default: $TUMORSEG_CACHE_DIR or ~/.cache/tumorseg)")
+    g.add_argument("--mlflow", default=None, metavar="URI",
+                   help="log every trial to MLflow: a folder (an SQLite store in it) or a tracking URI (pip install -e '.[mlflow]')")
     add_data_arguments(p)
     r = p.add_argument_group("resources")
     r.add_argument("--gpus", type=float, default=0, help="GPUs the search may use in total (logical GPUs where fewer exist)")
@@ -305,7 +307,12 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict, list[str
         verbose=args.verbose,
         sampler=args.sampler,
         study_storage=normalise(args.study_storage) if args.study_storage else None,
+        mlflow=args.mlflow,
     )
+    if args.mlflow:
+        from search.tracking import require_mlflow
+
+        require_mlflow()
     check_models(space)
     base = {**base_config(args), **space.fixed_params()}
     TrainConfig.from_dict(base)

@@ -140,12 +140,17 @@ def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: li
         slots = place_trials(settings, base)
         if not is_uri(settings.storage):
             check_visible_from_all_nodes(settings.run_dir)
+        mlflow_run = open_mlflow(settings, base)
         if not restore:
             from search.tuner import sampler_settings
 
             rundir.write_sweep_json(settings.run_dir, settings, space, base, notes=notes, sampler=sampler_settings(settings),
                                     argv=study.redact_argv(argv), study=study.study_record(settings, study_url))
-        return fit(settings, space, base, data, encoder_states, slots, restore, study_url)
+        if mlflow_run:
+            from search.tracking import record_sweep_run
+
+            record_sweep_run(settings.run_dir, mlflow_run)
+        return fit(settings, space, base, data, encoder_states, slots, restore, study_url, mlflow_run)
     finally:
         # The retrain runs in this process: free the idle trial processes (reused actors) and their
         # memory now, so they neither compete with it nor log their shutdown into its output.
@@ -174,9 +179,20 @@ def place_trials(settings: SweepSettings, base: dict) -> int:
     return slots
 
 
+def open_mlflow(settings: SweepSettings, base: dict) -> dict | None:
+    """``--mlflow``: the sweep's parent run (created, or reused on --resume) before any trial starts."""
+    if not settings.mlflow:
+        return None
+    from search.tracking import open_sweep_run
+
+    info = open_sweep_run(settings, base)
+    print(f"MLflow: sweep run {info['parent_run_id']} (experiment {info['experiment_id']}) in {info['uri']}")
+    return info
+
+
 def fit(settings: SweepSettings, space: SearchSpace, base: dict, data, encoder_states, slots: int, restore: bool,
-        study_url: str | None = None) -> bool:
-    from search.callbacks import LiveViewCallback, TrialsTableCallback
+        study_url: str | None = None, mlflow_run: dict | None = None) -> bool:
+    from search.callbacks import LiveViewCallback, MLflowCallback, TrialsTableCallback
     from search.trials import FINISHED, read_table
     from search.tuner import make_trainable, make_tuner, restore_tuner
 
@@ -186,6 +202,8 @@ def fit(settings: SweepSettings, space: SearchSpace, base: dict, data, encoder_s
     else:
         callbacks = [TrialsTableCallback(settings.run_dir, settings.epochs),
                      LiveViewCallback(settings.run_dir, settings.num_samples, settings.epochs, slots)]
+        if mlflow_run:  # on --resume Tune restores the callbacks it saved, this one included
+            callbacks.append(MLflowCallback(mlflow_run, settings.epochs))
         tuner = make_tuner(settings, space, trainable, slots, callbacks, study_url)
     interrupted = False
     try:
@@ -218,6 +236,7 @@ def finish(settings: SweepSettings, base: dict, finished: bool) -> None:
         if report is not None:
             print(f"report of what finished: {report}")
         upload(settings)
+        close_mlflow(settings, finished=False)
         raise SystemExit(130)
     if best is None:
         print("every trial failed: no best configuration (see trials.csv for the reasons)", file=sys.stderr)
@@ -230,9 +249,17 @@ def finish(settings: SweepSettings, base: dict, finished: bool) -> None:
         summary = retrain(run_dir, settings.retrain_seeds)
     report = write_report(run_dir)
     upload(settings)
+    close_mlflow(settings, finished=True)
     from search.live import closing_block
 
     print(closing_block(run_dir, settings.name, settings.storage, best, summary, report))
+
+
+def close_mlflow(settings: SweepSettings, finished: bool) -> None:
+    if settings.mlflow:
+        from search.tracking import close_sweep_run
+
+        close_sweep_run(settings.run_dir, finished)
 
 
 def upload(settings: SweepSettings) -> None:

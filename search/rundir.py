@@ -76,6 +76,7 @@ class SweepSettings:
     verbose: bool = False  # Ray's own output on the terminal too (always in RAY_LOG)
     sampler: str = "tpe"  # search.tuner.SAMPLERS
     study_storage: str | None = None  # the study's database URL; None: STUDY_DB in the run folder
+    mlflow: str | None = None  # --mlflow: a folder or tracking URI (search.tracking); None: no MLflow
 
     @property
     def run_dir(self) -> Path:
