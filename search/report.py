@@ -29,6 +29,7 @@ import pandas as pd
 from tumorseg.cli import ArgumentParser, exit_on_user_error
 from tumorseg.errors import UserError
 
+from search.report_final import final_table_html, postprocess_html
 from search.rundir import BEST_CONFIG_JSON, DATA_SUMMARY_TXT, FINAL_DIR, REPORT_HTML, TUNE_DIR, read_sweep_json
 from search.study import load_run_study
 from search.trials import model_label, pareto_front, read_table, scored_trials
@@ -38,7 +39,6 @@ STATUS_COLOURS = {
     "COMPLETED": "#2ca02c", "STOPPED_EARLY": "#1f77b4", "FAILED": "#d62728", "ERROR": "#7f0000",
     "RUNNING": "#ff7f0e", "PENDING": "#999999", "PAUSED": "#bcbd22",
 }
-REPORT_METRICS = ("dice", "iou", "f1", "precision", "recall", "dice_loss")
 STUDY_STATE_WORDS = {"PRUNED": "PRUNED (stopped by ASHA)", "FAIL": "FAIL (failed or crashed)", "RUNNING": "RUNNING",
                      "WAITING": "WAITING (queued points)"}
 
@@ -251,13 +251,6 @@ def _fmt(value, digits: int = 4) -> str:
     return html.escape(str(value))
 
 
-def _mean_std(entry: dict | None, seeds: int) -> str:
-    """Mean and spread over seeds; one seed has no spread to show."""
-    if not entry:
-        return "-"
-    return f"{entry['mean']:.4f} &plusmn; {entry['std']:.4f}" if seeds > 1 else f"{entry['mean']:.4f}"
-
-
 def docstring_html(text: str) -> str:
     """A module docstring as HTML text: paragraphs, ``- `` bullet lists, ````code```` and ``**bold**``."""
     import re
@@ -293,18 +286,6 @@ def headline_html(final: dict | None, best: dict | None) -> str:
         parts.append("<p class='warn'>No final model yet (the sweep is running, was interrupted, or ran with "
                      "--no-retrain): run <code>python -m search.retrain RUN_DIR</code>.</p>")
     else:
-        rows = []
-        for recipe, label in (("best", "best configuration, retrained"), ("seed_recipe", "seed recipe, retrained")):
-            if recipe in final:
-                t = final[recipe]["test"]
-                seeds = len(final[recipe]["seeds"])
-                rows.append(f"<tr><th>{label} ({seeds} seed{'s' if seeds > 1 else ''}, {final[recipe]['resize_px']} px)</th>"
-                            + "".join(f"<td>{_mean_std(t.get(m), seeds)}</td>" for m in REPORT_METRICS) + "</tr>")
-        s = final.get("seed_reported_test")  # only when the data is the Kaggle dataset
-        if s:
-            rows.append("<tr><th>seed run as originally reported (measured on Kaggle's own test split at 256 px)</th>"
-                        f"<td>-</td><td>-</td><td>{s['f1']}</td><td>{s['precision']}</td><td>{s['recall']}</td>"
-                        f"<td>{s['dice_loss']}</td></tr>")
         dataset = final.get("dataset")
         if dataset:
             parts.append(f"<p>Data: <b>{html.escape(dataset['name'])}</b> ({html.escape(dataset['layout'])}, "
@@ -312,9 +293,7 @@ def headline_html(final: dict | None, best: dict | None) -> str:
                          f"at <code>{html.escape(dataset['path'])}</code>; splits "
                          + ", ".join(f"{k} {v}" for k, v in dataset["split_sizes"].items())
                          + (" (valid/test carved by case: splits.json)" if dataset["splits_from"] != "data" else "") + ".</p>")
-        parts.append("<p>Test metrics, each run scored once on the test split after selection on validation:</p>"
-                     "<table class='grid'><tr><th></th>" + "".join(f"<th>{m}</th>" for m in REPORT_METRICS) + "</tr>"
-                     + "".join(rows) + "</table>")
+        parts.append(final_table_html(final) + postprocess_html(final))
         for note in final.get("notes", []):
             parts.append(f"<p class='note'>Note: {html.escape(note)}</p>")
     parts.append("<details><summary>Metric definitions</summary>" + docstring_html(metrics_module.__doc__)
@@ -448,7 +427,8 @@ def build_report(run_dir: Path, study_url: str | None = None) -> Path:
     sections.append("<h2>6. Predictions of the final model (test split)</h2>")
     overlays = [(run_dir / FINAL_DIR / f"overlay_{name}.png", f"{name} test image by Dice") for name in ("best", "median", "worst")]
     if all(path.is_file() for path, _ in overlays):
-        sections.append("<p>Green: true tumour box outline; red: predicted outline.</p><div class='overlays'>"
+        sections.append("<p>The shipped model's post-processed test predictions at native resolution. Green: true tumour "
+                        "outline; red: predicted outline.</p><div class='overlays'>"
                         + "".join(_image_html(p, c) for p, c in overlays) + "</div>")
     else:
         sections.append("<p class='warn'>No final model yet: the overlays appear after <code>search.retrain</code>.</p>")

@@ -246,7 +246,7 @@ def finish(settings: SweepSettings, base: dict, finished: bool) -> None:
     if not settings.no_retrain:
         from search.retrain import retrain
 
-        summary = retrain(run_dir, settings.retrain_seeds)
+        summary = retrain(run_dir, settings.retrain_seeds, settings.retrain_epochs())
     report = write_report(run_dir)
     upload(settings)
     close_mlflow(settings, finished=True)

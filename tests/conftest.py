@@ -60,7 +60,9 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path
 
 # ----------------------------------------------------------------------------- sweeps
 
-TINY_SWEEP = ["--resize-choices", "64", "--encoder-weights", "none", "--batch-size", "8", "--lr-range", "1e-3,5e-3"]
+# --final-epochs 1: the final stage's budget is its own (tests check it), and the cheapest
+TINY_SWEEP = ["--resize-choices", "64", "--encoder-weights", "none", "--batch-size", "8", "--lr-range", "1e-3,5e-3",
+              "--final-epochs", "1"]
 
 
 def sweep_args(paths: dict, ray_tmp: Path, name: str, *extra: str) -> list[str]:

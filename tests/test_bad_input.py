@@ -69,6 +69,7 @@ CLI_CASES = [
     ("search.run", ["--cpus-per-trial", "0"], "--cpus-per-trial must be > 0, got 0"),
     ("search.run", ["--max-concurrent", "-2"], "--max-concurrent must be >= 0, got -2"),
     ("search.run", ["--retrain-seeds", "0"], "--retrain-seeds must be > 0, got 0"),
+    ("search.run", ["--final-epochs", "0"], "--final-epochs must be > 0, got 0"),
     ("search.run", ["--gpus", "2", "--gpus-per-trial", "3"], "--gpus-per-trial 3 is more than --gpus 2"),
     ("search.run", ["--gpus", "4", "--gpus-per-trial", "1.5"], "--gpus-per-trial above 1 must be a whole number"),
     ("search.run", ["--loss-types", "dice,focal"], "--loss-types: ['focal']"),
@@ -113,6 +114,7 @@ CLI_CASES = [
     ("tumorseg.train", ["--data", "/nonexistent/ds"], "data folder not found: /nonexistent/ds"),
     ("tumorseg.train", ["--encoder-weights", "/no/such/file.pth"], "--encoder-weights: no such file"),
     ("search.retrain", ["/no/run"], "run folder not found: /no/run"),
+    ("search.retrain", ["/no/run", "--final-epochs", "0"], "--final-epochs must be > 0, got 0"),
     ("search.report", ["/no/run"], "run folder not found: /no/run"),
 ]
 

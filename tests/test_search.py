@@ -237,13 +237,16 @@ def test_best_config_retrained_and_scored_once_on_test(finished_sweep):
     best = json.loads((run_dir / "best_config.json").read_text())
     assert best["best_val_dice"] == pytest.approx(table["best_val_dice"].max())
     final = json.loads((run_dir / "final" / "metrics.json").read_text())
+    assert final["epochs"] == {"trials": 3, "final": 1}  # --final-epochs, not the trials' --epochs
     for recipe in ("best", "seed_recipe"):
         assert set(final[recipe]["test"]) >= {"dice", "f1", "precision", "recall"}
-        assert final[recipe]["epochs"] == 3 and len(final[recipe]["seeds"]) == 1
-        assert (run_dir / "final" / recipe / "seed0" / "model.pt").is_file()
+        assert final[recipe]["epochs"] == 1 and len(final[recipe]["seeds"]) == 1
+        assert final[recipe]["runs"] == [f"{recipe}/{final[recipe]['key']}/seed0"]
+        assert (run_dir / "final" / final[recipe]["runs"][0] / "model.pt").is_file()
+        assert set(final[recipe]["ensemble_postprocessed"]["test"]) >= {"dice", "f1", "precision", "recall"}
     assert final["best"]["params"] == best["params"]
     assert any("resize_px 256 is not among [64]" in n for n in final["notes"])
-    for name in ("model.pt", "predictions.png", "overlay_best.png", "overlay_worst.png"):
+    for name in ("model.pt", "model/member0.pt", "postprocess.json", "predictions.png", "overlay_best.png", "overlay_worst.png"):
         assert (run_dir / "final" / name).is_file()
     assert (run_dir / "report.html").is_file()
     # Ray's experiment folder holds one trial folder per trial, with at most one checkpoint each
