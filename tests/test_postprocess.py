@@ -10,8 +10,15 @@ import torch
 
 from tumorseg.config import TrainConfig
 from tumorseg.inference import predict_probabilities
-from tumorseg.postprocess import (PostProcess, apply_postprocess, labels_are_boxes, load_postprocess,
-                                  min_component_grid, save_postprocess, select_postprocess)
+from tumorseg.postprocess import (
+    PostProcess,
+    apply_postprocess,
+    labels_are_boxes,
+    load_postprocess,
+    min_component_grid,
+    save_postprocess,
+    select_postprocess,
+)
 
 # ----------------------------------------------------------------------------- apply_postprocess
 
