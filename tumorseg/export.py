@@ -62,11 +62,11 @@ class ShippedModel(torch.nn.Module):
         self.flip_tta = flip_tta
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        views = []
+        views, count = [], image.shape[0]
+        batch = torch.cat([image, image.flip(-1)]) if self.flip_tta else image  # both views in one pass per member
         for member in self.members:
-            views.append(member(image))
-            if self.flip_tta:
-                views.append(member(image.flip(-1)).flip(-1))
+            logits = member(batch)
+            views += [logits[:count], logits[count:].flip(-1)] if self.flip_tta else [logits]
         logits = torch.cat(views, 1)
         return torch.sigmoid(logits).mean(1, keepdim=True), logits
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from tumorseg.imageio import IMAGE_SUFFIXES, NORMALISATION
-from tumorseg.shipped import ONNX_INPUT, ONNX_OUTPUTS, Shipped
+from tumorseg.shipped import ONNX_INPUT, ONNX_OUTPUTS, Shipped, final_dir
 from tumorseg.transforms import IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD
 
 CARD_FORMAT = "tumorseg-model-card"
@@ -52,8 +52,7 @@ def package_versions() -> dict[str, str]:
 def metrics_file(shipped: Shipped) -> Path | None:
     """``final/metrics.json`` of a run folder, or ``metrics.json`` beside a model.pt (None if absent)."""
     if shipped.kind == "run":
-        final = shipped.path if (shipped.path / "model").is_dir() else shipped.path / "final"
-        path = final / "metrics.json"
+        path = final_dir(shipped.path) / "metrics.json"
     else:
         path = shipped.path.parent / "metrics.json"
     return path if path.is_file() else None

@@ -41,7 +41,7 @@ from tumorseg.imageio import (
     is_image_file,
     read_header,
 )
-from tumorseg.shipped import Shipped, open_shipped, probabilities, source_kind
+from tumorseg.shipped import Shipped, open_shipped, probabilities
 from tumorseg.visualize import overlay
 
 CSV_NAME = "predictions.csv"
@@ -130,10 +130,11 @@ def main(argv=None) -> None:
     with exit_on_user_error("tumorseg.predict"):
         if args.batch_size is not None and args.batch_size < 1:
             raise UserError(f"--batch-size must be > 0, got {args.batch_size}")
-        source_kind(args.source)  # a bad SOURCE fails before any image is read
-        images = find_images(args.inputs, args.out)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: torch sees no CUDA device here")
         device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
-        shipped = open_shipped(args.source, device)
+        shipped = open_shipped(args.source, device)  # errors in argument order: the source, then the images
+        images = find_images(args.inputs, args.out)
         print(f"model: {shipped.describe()}")
         batch_size = args.batch_size or shipped.cfg.eval_batch_size
         args.out.mkdir(parents=True, exist_ok=True)

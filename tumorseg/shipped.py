@@ -72,6 +72,11 @@ def source_kind(path: Path) -> str:
     raise UserError(f"{path}: not a model source (expected a run folder, a model.pt or a model.onnx)")
 
 
+def final_dir(run_dir: Path) -> Path:
+    """A run folder's ``final/`` (``run_dir`` itself when it is one)."""
+    return run_dir if (run_dir / "model").is_dir() else run_dir / "final"
+
+
 def open_shipped(path: Path, device: str | torch.device = "cpu") -> Shipped:
     """Load a run folder, a model.pt or a model.onnx (``device``: where torch members run)."""
     from tumorseg.checkpoint import in_channels, load_model
@@ -82,8 +87,11 @@ def open_shipped(path: Path, device: str | torch.device = "cpu") -> Shipped:
     if kind == "onnx":
         return open_onnx(path)
     if kind == "run":
+        final = final_dir(path)
+        if not any((final / "model").glob("member*.pt")):
+            raise UserError(f"{path}: no final model (no {final / 'model'}/member<k>.pt: not a search.run folder, or its "
+                            "final stage has not run); give a run folder, a model.pt or a model.onnx")
         models, cfg, pp = load_final_model(path)
-        final = path if (path / "model").is_dir() else path / "final"
         files = member_files(final)
     else:
         model, cfg, _ = load_model(path)
