@@ -64,7 +64,8 @@ def source_kind(path: Path) -> str:
     if path.is_dir():
         return "run"
     if not path.exists():
-        raise UserError(f"model source not found: {path}")
+        what = "model file" if path.suffix.lower() in (".pt", ".pth", ".onnx") else "model source"
+        raise UserError(f"{what} not found: {path}")
     if path.suffix.lower() == ".onnx":
         return "onnx"
     if path.suffix.lower() in (".pt", ".pth"):
