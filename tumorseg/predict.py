@@ -136,7 +136,9 @@ def main(argv=None) -> None:
         shipped = open_shipped(args.source, device)  # errors in argument order: the source, then the images
         images = find_images(args.inputs, args.out)
         print(f"model: {shipped.describe()}")
-        batch_size = args.batch_size or shipped.cfg.eval_batch_size
+        if args.batch_size:  # the forward passes' batch too (predict_probabilities chunks by eval_batch_size)
+            shipped.cfg = shipped.cfg.replace(eval_batch_size=args.batch_size)
+        batch_size = shipped.cfg.eval_batch_size
         args.out.mkdir(parents=True, exist_ok=True)
         from tqdm.auto import tqdm
 

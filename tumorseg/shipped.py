@@ -90,8 +90,10 @@ def open_shipped(path: Path, device: str | torch.device = "cpu") -> Shipped:
     if kind == "run":
         final = final_dir(path)
         if not any((final / "model").glob("member*.pt")):
+            hint = (f"; its {final / 'model.pt'} (from before ensembles) is one model: give that" if (final / "model.pt").is_file()
+                    else "; give a run folder, a model.pt or a model.onnx")
             raise UserError(f"{path}: no final model (no {final / 'model'}/member<k>.pt: not a search.run folder, or its "
-                            "final stage has not run); give a run folder, a model.pt or a model.onnx")
+                            f"final stage has not run){hint}")
         models, cfg, pp = load_final_model(path)
         files = member_files(final)
     else:
