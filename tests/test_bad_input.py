@@ -116,6 +116,11 @@ CLI_CASES = [
     ("search.retrain", ["/no/run"], "run folder not found: /no/run"),
     ("search.retrain", ["/no/run", "--final-epochs", "0"], "--final-epochs must be > 0, got 0"),
     ("search.report", ["/no/run"], "run folder not found: /no/run"),
+    ("tumorseg.export", ["/no/run"], "model source not found: /no/run"),
+    ("tumorseg.export", ["tests"], "tests: no final model (no tests/final/model/member<k>.pt"),
+    ("tumorseg.predict", ["README.md", "scan.png"], "README.md: not a model source (expected a run folder, a model.pt or a model.onnx)"),
+    ("tumorseg.predict", ["tests", "scan.png"], "tests: no final model (no tests/final/model/member<k>.pt"),
+    ("tumorseg.predict", ["model.pt", "scan.png", "--batch-size", "0"], "--batch-size must be > 0, got 0"),
 ]
 
 
@@ -132,7 +137,8 @@ def test_more_gpus_than_cuda_visible_devices_lists_is_one_line(paths, tmp_path):
 def _where_to_write(module, tmp_path) -> list[str]:
     """Flags that keep a CLI's output in ``tmp_path`` (the rows' own flags come after and win)."""
     return {"search.run": ["--storage", str(tmp_path)],
-            "tumorseg.train": ["--out", str(tmp_path), "--encoder-weights", "none"]}.get(module, [])
+            "tumorseg.train": ["--out", str(tmp_path), "--encoder-weights", "none"],
+            "tumorseg.export": ["--out", str(tmp_path)], "tumorseg.predict": ["--out", str(tmp_path)]}.get(module, [])
 
 
 @pytest.mark.parametrize("module, args, message", CLI_CASES, ids=[" ".join([m, *a]) for m, a, _ in CLI_CASES])
