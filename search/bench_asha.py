@@ -123,10 +123,19 @@ def run_arm(args, data: Path, name: str, points_file: Path, seed: int, grace: in
                "--ray-temp-dir", ray_tmp]
         print("  $ python " + " ".join(cmd[1:]), flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+        # A reused trial process waits TUNE_FUNCTION_THREAD_TIMEOUT_S (Ray's default: 2 s) for the
+        # previous trial's thread; on a loaded machine that is too short and the trial ends ERROR
+        env = {**os.environ, "TUNE_FUNCTION_THREAD_TIMEOUT_S": os.environ.get("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")}
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"search.bench: {name} failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-2000:]}")
         print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    table = pd.read_csv(run_dir / TRIALS_CSV)
+    bad = table[~table["status"].isin(["COMPLETED", "STOPPED_EARLY", "FAILED"])]
+    if len(bad):  # a crashed trial has no curve to compare
+        row = bad.iloc[0]
+        raise SystemExit(f"search.bench: {name}: trial_{row['trial_index']:03d} ended {row['status']} ({row['failure_reason']}); "
+                         "rerun the same command to redo this arm")
     return run_dir
 
 
