@@ -123,10 +123,19 @@ def run_arm(args, data: Path, name: str, points_file: Path, seed: int, grace: in
                "--ray-temp-dir", ray_tmp]
         print("  $ python " + " ".join(cmd[1:]), flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+        # A reused trial process waits TUNE_FUNCTION_THREAD_TIMEOUT_S (Ray's default: 2 s) for the
+        # previous trial's thread; on a loaded machine that is too short and the trial ends ERROR
+        env = {**os.environ, "TUNE_FUNCTION_THREAD_TIMEOUT_S": os.environ.get("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")}
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"search.bench: {name} failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-2000:]}")
         print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    table = pd.read_csv(run_dir / TRIALS_CSV)
+    bad = table[~table["status"].isin(["COMPLETED", "STOPPED_EARLY", "FAILED"])]
+    if len(bad):  # a crashed trial has no curve to compare
+        row = bad.iloc[0]
+        raise SystemExit(f"search.bench: {name}: trial_{row['trial_index']:03d} ended {row['status']} ({row['failure_reason']}); "
+                         "rerun the same command to redo this arm")
     return run_dir
 
 
@@ -260,8 +269,10 @@ def evaluate_setting(arms: dict[int, list[dict]], setting: tuple[int, float, str
         asha = replay(curves, **kwargs)
         rng = random.Random(1000 + seed)
         orders = [replay(curves, **kwargs, epoch_s=jittered(curves, args.jitter, rng)) for _ in range(args.orders)]
+        top = max(range(len(curves)), key=lambda i: curves[i]["best_val_dice"][-1] if not curves[i]["failed"] else -1)
         per_seed.append({
             "seed": seed, "full_epochs": full["epochs"], "full_best": full["best"], "epochs": asha["epochs"],
+            "top_trial": top, "top_warmup": curves[top]["warmup_epochs"], "top_used": asha["used"][top],
             "best": asha["best"], "used": asha["used"], "factor": full["epochs"] / asha["epochs"],
             "lost": full["best"] - asha["best"],
             "orders_within": sum(full["best"] - o["best"] <= WITHIN for o in orders) / max(1, len(orders)),
@@ -303,9 +314,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--warmup-max", type=int, default=2, help="warmups drawn from 0..this (default 2: the default sweep's range)")
     p.add_argument("--data", type=Path, default=Path(os.environ.get("TUMORSEG_DEV_DATA", ROOT.parent / "shared" / "data" / "brain-tumor-dev")),
                    help="a COCO dataset folder (default: $TUMORSEG_DEV_DATA)")
-    p.add_argument("--train-images", type=int, default=64, help="train images of the subset (default 64)")
-    p.add_argument("--valid-images", type=int, default=48, help="validation images of the subset (default 48)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--train-images", type=int, default=32, help="train images of the subset (default 32)")
+    p.add_argument("--valid-images", type=int, default=32, help="validation images of the subset (default 32)")
+    p.add_argument("--batch-size", type=int, default=4, help="(default 4: 8 steps an epoch on 32 images)")
     p.add_argument("--slots", type=int, default=2, help="trials at once, real and replayed (default 2)")
     p.add_argument("--settings", default=DEFAULT_SETTINGS, help="GRACE:RF:METRIC,... replayed (METRIC best|last)")
     p.add_argument("--orders", type=int, default=200, help="jittered timings replayed per seed and setting (default 200)")
@@ -331,7 +342,8 @@ def print_seeds(result: dict) -> None:
     print(f"\nper seed, grace {result['grace']} rf {result['rf']:g} rung metric {METRICS[result['metric']]}:")
     for s in result["per_seed"]:
         print(f"  seed {s['seed']}: full {s['full_epochs']} epochs best {s['full_best']:.4f}; ASHA {s['epochs']} epochs "
-              f"({s['factor']:.2f}x fewer) best {s['best']:.4f} (lost {s['lost']:+.4f}); epochs per trial {s['used']}")
+              f"({s['factor']:.2f}x fewer) best {s['best']:.4f} (lost {s['lost']:+.4f}); epochs per trial {s['used']}; "
+              f"the full budget's best, trial {s['top_trial']} (warmup {s['top_warmup']}), got {s['top_used']} epochs")
 
 
 def main(argv=None) -> None:

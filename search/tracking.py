@@ -22,6 +22,7 @@ MLflow until used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -91,12 +92,29 @@ def open_sweep_run(settings, base: dict) -> dict:
     """
     info = sweep_run(settings.run_dir) if (settings.run_dir / SWEEP_JSON).is_file() else None
     try:
-        if info is not None:
-            client(info["uri"]).update_run(info["parent_run_id"], status="RUNNING")
-            return info
-        return _create_sweep_run(settings, base)
+        with _fail_fast():
+            if info is not None:
+                client(info["uri"]).update_run(info["parent_run_id"], status="RUNNING")
+                return info
+            return _create_sweep_run(settings, base)
     except Exception as err:  # noqa: BLE001 - whatever the store says, in one line
         raise ConfigError(f"--mlflow {settings.mlflow}: cannot log there ({_first_line(err)})") from None
+
+
+@contextlib.contextmanager
+def _fail_fast():
+    """While the sweep's run is opened, a server that does not answer fails in seconds rather than
+    after MLflow's default retries (about 4 minutes); trials are then logged with the defaults,
+    which ride out a short outage. Values the user set in the environment are kept."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+    added = [name for name in quick if name not in os.environ]
+    os.environ.update({name: quick[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def record_sweep_run(run_dir: Path, info: dict) -> None:
@@ -140,6 +158,7 @@ def close_sweep_run(run_dir: Path, finished: bool) -> None:
     try:
         mlflow = client(info["uri"])
         run_id = info["parent_run_id"]
+        _reconcile_trials(mlflow, info, Path(run_dir))
         if finished:
             for name in FINAL_ARTIFACTS:
                 path = Path(run_dir) / name
@@ -149,6 +168,32 @@ def close_sweep_run(run_dir: Path, finished: bool) -> None:
         mlflow.set_terminated(run_id, status="FINISHED" if finished else "KILLED")
     except Exception as err:  # noqa: BLE001
         print(f"warning: MLflow: could not close the sweep's run ({_first_line(err)})", file=sys.stderr)
+
+
+def _reconcile_trials(mlflow, info: dict, run_dir: Path) -> None:
+    """Trial runs left RUNNING whose trial has finished in trials.csv (the driver died between the
+    two) get that status."""
+    import pandas as pd
+
+    path = run_dir / TRIALS_CSV
+    if not path.is_file():
+        return
+    table = pd.read_csv(path, dtype={"trial_id": str}).set_index("trial_id")
+    running = mlflow.search_runs([info["experiment_id"]], max_results=50000, filter_string=(
+        f"tags.mlflow.parentRunId = '{info['parent_run_id']}' and attributes.status = 'RUNNING'"))
+    for run in running:
+        trial_id = run.data.tags.get(TRIAL_ID_TAG)
+        if trial_id in table.index and table.loc[trial_id, "status"] in RUN_STATUS:
+            reason = table.loc[trial_id, "failure_reason"]
+            close_trial_run(mlflow, run.info.run_id, table.loc[trial_id, "status"], reason if isinstance(reason, str) else "")
+
+
+def close_trial_run(mlflow, run_id: str, status: str, reason: str = "") -> None:
+    """End a trial's run with the trials.csv ``status`` word (and the failure reason)."""
+    mlflow.set_tag(run_id, STATUS_TAG, status)
+    if reason:
+        mlflow.set_tag(run_id, REASON_TAG, str(reason)[:5000])
+    mlflow.set_terminated(run_id, status=RUN_STATUS.get(status, "FINISHED"))
 
 
 def _log_scores(mlflow, run_id: str, run_dir: Path) -> None:
@@ -196,7 +241,8 @@ class TrialRuns:
             self._client = client(self.info["uri"])
         return self._client
 
-    def _existing(self) -> dict[str, str]:
+    def existing(self) -> dict[str, str]:
+        """``{Tune trial id: MLflow run id}`` of the runs already under the sweep's run."""
         parent = self.info["parent_run_id"]
         runs = self.client.search_runs([self.info["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{parent}'",
                                        max_results=50000)
@@ -204,7 +250,7 @@ class TrialRuns:
 
     def run_id(self, trial_id: str) -> str | None:
         if self._runs is None:
-            self._runs = self._existing()
+            self._runs = self.existing()
         return self._runs.get(trial_id)
 
     def start(self, trial_id: str, name: str, params: dict) -> str:
@@ -245,9 +291,5 @@ class TrialRuns:
     def end(self, trial_id: str, status: str, reason: str = "") -> None:
         """Close the trial's run with the trials.csv ``status`` word (and the failure reason)."""
         run_id = self.run_id(trial_id)
-        if run_id is None:
-            return
-        self.client.set_tag(run_id, STATUS_TAG, status)
-        if reason:
-            self.client.set_tag(run_id, REASON_TAG, str(reason)[:5000])
-        self.client.set_terminated(run_id, status=RUN_STATUS.get(status, "FINISHED"))
+        if run_id is not None:
+            close_trial_run(self.client, run_id, status, reason)

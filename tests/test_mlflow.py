@@ -1,6 +1,8 @@
 """--mlflow: every trial a run nested under the sweep's run, read back through the MLflow client."""
 
 import json
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -35,13 +37,18 @@ def test_a_folder_is_an_sqlite_store_and_a_uri_is_kept():
     assert tracking.tracking_uri("sqlite:///x.db") == ("sqlite:///x.db", None)
 
 
-def test_a_store_that_cannot_be_written_is_one_line_naming_the_flag(tmp_path):
+def test_a_store_that_cannot_be_written_or_reached_is_one_line_naming_the_flag(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    settings = SweepSettings(name="s", storage=str(tmp_path), mlflow=str(blocker / "mlflow"))
-    with pytest.raises(ConfigError, match=r"^--mlflow .*a-file/mlflow: cannot log there \(") as err:
-        tracking.open_sweep_run(settings, {})
-    assert "\n" not in str(err.value)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        server = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for target, shown in ((str(blocker / "mlflow"), ".*a-file/mlflow"), (server, server)):
+        settings = SweepSettings(name="s", storage=str(tmp_path), mlflow=target)
+        with pytest.raises(ConfigError, match=f"^--mlflow {shown}: cannot log there \\(") as err:
+            tracking.open_sweep_run(settings, {})
+        assert "\n" not in str(err.value)
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the quick-failure settings were only for the check
 
 
 def _history(client, run_id: str, key: str = "val_dice") -> list[tuple[int, float]]:
@@ -69,14 +76,18 @@ def test_resumed_runs_log_no_run_and_no_epoch_twice(tmp_path):
     for epoch, dice in ((2, 0.2), (3, 0.3)):  # epoch 2 reported again from an older checkpoint
         runs.epoch("t1", "trial_000", {}, {"epoch": epoch, "val_dice": dice, "best_val_dice": dice, "lr": float("nan")})
     runs.epoch("t2", "trial_001", {}, {"epoch": 1, "val_dice": 0.0, "best_val_dice": 0.0, "failure_reason": "nan loss"})
+    runs.start("t3", "trial_002", {"lr": 1e-4})
     runs.end("t1", "COMPLETED")
     runs.end("t2", "FAILED", "training loss became non-finite (lr 1e-05)")
+    # t3 finished in trials.csv but its run was never closed (the driver died in between)
+    pd.DataFrame({"trial_id": ["t3"], "status": ["STOPPED_EARLY"], "failure_reason": [None]}).to_csv(
+        settings.run_dir / "trials.csv", index=False)
     tracking.close_sweep_run(settings.run_dir, finished=True)
 
     client = tracking.client(info["uri"])
     children = client.search_runs([info["experiment_id"]], f"tags.mlflow.parentRunId = '{info['parent_run_id']}'")
     by_name = {r.info.run_name: r for r in children}
-    assert sorted(by_name) == ["trial_000", "trial_001"]
+    assert sorted(by_name) == ["trial_000", "trial_001", "trial_002"]
     first, second = by_name["trial_000"], by_name["trial_001"]
     assert _history(client, first.info.run_id) == [(1, 0.1), (2, 0.2), (3, 0.3)]
     assert client.get_metric_history(first.info.run_id, "lr") == []  # not finite: not logged
@@ -85,8 +96,12 @@ def test_resumed_runs_log_no_run_and_no_epoch_twice(tmp_path):
     assert _history(client, second.info.run_id) == [(1, 0.05)]
     assert (second.info.status, second.data.tags[tracking.STATUS_TAG]) == ("FAILED", "FAILED")
     assert second.data.tags[tracking.REASON_TAG] == "training loss became non-finite (lr 1e-05)"
+    third = by_name["trial_002"]
+    assert (third.info.status, third.data.tags[tracking.STATUS_TAG]) == ("FINISHED", "STOPPED_EARLY")
+    assert tracking.REASON_TAG not in third.data.tags
     parent = client.get_run(info["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.info.run_name == "s"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"sweep.json", "trials.csv"}
     assert parent.data.params["trial.batch_size"] == "8" and parent.data.params["epochs"] == "20"
     assert json.loads((settings.run_dir / "sweep.json").read_text())["mlflow"] == info
 

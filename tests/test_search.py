@@ -1,6 +1,7 @@
 """The sweep: search space, CLI validation, debug mode, a real ASHA sweep, retrain, resume."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -292,6 +293,9 @@ def _finished_trials(run_dir):
 def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_path):
     port = _free_port()
     args = sweep_args(paths, ray_tmp, "resumable", "--gpus", "2", "--num-samples", "6", "--epochs", "3", "--grace-period", "3")
+    mlflow = importlib.util.find_spec("mlflow") is not None
+    if mlflow:  # MLflow runs survive the kill too: no run and no epoch logged twice
+        args += ["--mlflow", str(tmp_path / "mlflow")]
     args[args.index("--no-dashboard")] = "--dashboard"
     args += ["--dashboard-port", str(port)]
     driver = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -324,6 +328,23 @@ def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_pat
         path = run_dir / "tune" / row["trial_dir"] / "result.json"
         assert path.read_text().count("\n") == lines_before[tid]
         assert after.set_index("trial_id").loc[tid, "best_val_dice"] == pytest.approx(row["best_val_dice"])
+    if mlflow:
+        _check_mlflow_after_resume(run_dir, after)
+
+
+def _check_mlflow_after_resume(run_dir, table) -> None:
+    from search import tracking
+
+    info = json.loads((run_dir / "sweep.json").read_text())["mlflow"]  # recorded before the kill, reused
+    client = tracking.client(info["uri"])
+    assert len(client.search_runs([info["experiment_id"]], "attributes.run_name = 'resumable'")) == 1
+    children = client.search_runs([info["experiment_id"]], f"tags.mlflow.parentRunId = '{info['parent_run_id']}'")
+    assert sorted(r.data.tags[tracking.TRIAL_ID_TAG] for r in children) == sorted(table["trial_id"])
+    for run in children:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_dice")]
+        assert sorted(steps) == [1, 2, 3], (run.info.run_name, steps)
+        assert (run.info.status, run.data.tags[tracking.STATUS_TAG]) == ("FINISHED", "COMPLETED")
+    assert client.get_run(info["parent_run_id"]).info.status == "FINISHED"
 
 
 @pytest.mark.slow
