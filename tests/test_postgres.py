@@ -68,11 +68,12 @@ def postgres():
     try:
         import psycopg2
 
-        with psycopg2.connect(host=str(root), port=port, user="tumorseg", dbname="postgres") as conn:  # unix socket: trust
-            conn.autocommit = True
-            with conn.cursor() as cursor:
-                cursor.execute(f"ALTER USER tumorseg PASSWORD '{PASSWORD}'")
-                cursor.execute("CREATE DATABASE sweeps")
+        conn = psycopg2.connect(host=str(root), port=port, user="tumorseg", dbname="postgres")  # unix socket: trust
+        conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
+        with conn.cursor() as cursor:
+            cursor.execute(f"ALTER USER tumorseg PASSWORD '{PASSWORD}'")
+            cursor.execute("CREATE DATABASE sweeps")
+        conn.close()
         yield {"url": f"postgresql://tumorseg:{PASSWORD}@127.0.0.1:{port}/sweeps", "port": port}
     finally:
         subprocess.run([*prefix, "pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=120, check=False)
