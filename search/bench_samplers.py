@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,10 +61,9 @@ def best_after(table: pd.DataFrame, counts: list[int]) -> dict[int, float]:
 def run_sweep(data: Path, out: Path, name: str, sampler: str, seed: int, trials: int, epochs: int, resize: int) -> tuple[pd.DataFrame, float]:
     """One sweep (or the finished one already there): its trials table and wall time in seconds."""
     done = out / name / TRIALS_CSV
-    if done.is_file() and (out / name / "wall_s.txt").is_file():
-        table = pd.read_csv(done)
-        if len(table) >= trials:
-            return table, float((out / name / "wall_s.txt").read_text())
+    if (out / name / "wall_s.txt").is_file():
+        return pd.read_csv(done), float((out / name / "wall_s.txt").read_text())
+    shutil.rmtree(out / name, ignore_errors=True)  # an interrupted attempt: start that sweep again
     args = ["-m", "search.run", "--data", str(data), "--storage", str(out), "--name", name, "--sampler", sampler,
             "--seed", str(seed), "--num-samples", str(trials), "--epochs", str(epochs), "--resize-choices", str(resize),
             "--encoder-weights", "none", "--no-dashboard", "--no-retrain", "--cpus-per-trial", "1", "--num-workers", "0"]
