@@ -41,7 +41,6 @@ from tumorseg.postprocess import (
 
 METRICS = ("dice", "iou", "precision", "recall", "f1", "dice_loss")  # per seed (each run's metrics.json)
 SHOWN = ("dice", "f1", "precision", "recall")  # the terminal's columns
-OVERLAYS = ("best", "median", "worst")
 
 
 def finalize(run_dir: Path, dataset, todo: dict[str, dict], runs: dict[str, list[Path]], notes: list[str],

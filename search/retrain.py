@@ -32,9 +32,6 @@ from tumorseg.errors import UserError
 from search.rundir import FINAL_DIR, FINAL_EPOCHS_FACTOR, load_sweep, read_best_params, run_key
 from search.space import seed_point
 
-OVERLAYS = ("best", "median", "worst")
-
-
 def recipes(run_dir: Path) -> tuple[dict[str, dict], list[str]]:
     """``{"best": params, "seed_recipe": params}`` (best omitted when no trial succeeded)."""
     _, space, _, _ = load_sweep(run_dir)
@@ -105,6 +102,7 @@ def retrain(run_dir: Path, seeds: int | None = None, final_epochs: int | None = 
             metrics, counts = write_run_outputs(tmp, result, cfg, data["test"], dataset.info)
             (tmp / "metrics.json").write_text(json.dumps({**metrics, "train_wall_s": train_wall_s}, indent=2))
             write_per_image(tmp, result.model, data["test"], cfg, counts)
+            shutil.rmtree(out, ignore_errors=True)  # a run of another config (never: the key hashes it), if any
             tmp.rename(out)  # complete runs only: an interrupted retrain redoes just this one
     retrain_wall_s = time.perf_counter() - t0
     summary = finalize(run_dir, dataset, todo, runs, notes, settings, retrain_wall_s, log=log)
