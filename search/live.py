@@ -101,6 +101,12 @@ def closing_block(run_dir: Path, name: str, storage: str, best: dict | None, sum
         values = "  ".join(f"{k} {metrics[k]['mean']:.4f}" + (f" +- {metrics[k]['std']:.4f}" if seeds > 1 else "")
                            for k in ("dice", "f1", "precision", "recall"))
         lines.append(f"  test ({recipe}, {seeds} seed{'s' if seeds > 1 else ''})  {values}")
+        shipped = summary.get("final_model")
+        if shipped:
+            members = len(shipped["members"])
+            what = f"ensemble of {members} + post-processing" if members > 1 else "+ post-processing"
+            lines.append(f"  shipped      {what} ({test.get('postprocess_describe', '?')}): test dice "
+                         f"{shipped['test']['dice']:.4f}  {run_dir / FINAL_DIR / shipped['postprocess']}")
     model = run_dir / FINAL_DIR / "model.pt"
     if model.is_file():
         lines.append(f"  model        {model}")

@@ -1,4 +1,4 @@
-"""The Tune experiment: Optuna's TPE proposes, ASHA stops, Tune runs the trainable.
+"""The Tune experiment: Optuna (TPE unless --sampler) proposes, ASHA stops, Tune runs the trainable.
 
 ``METRIC`` is what ASHA compares at its rungs and what TPE learns from: the best native-resolution
 validation Dice a trial has reached so far. One epoch's Dice is noisy early on; the running best is
@@ -13,17 +13,31 @@ from search.space import SearchSpace, define_by_run, seed_point
 METRIC = "best_val_dice"
 
 
-def sampler_settings(settings: SweepSettings) -> dict:
-    """TPE's settings for this sweep (recorded in sweep.json).
+SAMPLERS = ("tpe", "gp", "random", "qmc")  # --sampler
 
-    Optuna's default of 10 random start-up trials would make a 12-16 trial sweep mostly random
+
+def sampler_settings(settings: SweepSettings) -> dict:
+    """The sampler's settings for this sweep (recorded in sweep.json; ``make_sampler`` builds it).
+
+    TPE: Optuna's default of 10 random start-up trials would make a 12-16 trial sweep mostly random
     search: a quarter of the budget (3 to 10 trials, the seed recipe included) is random, the rest
     TPE. ``multivariate`` + ``group`` model the conditional loss parameters jointly; the constant
     liar keeps trials proposed while others still run from all landing on the same point.
+    GP (Optuna's GPSampler, made for small budgets): the same start-up count, counted in COMPLETE
+    trials only; conditional parameters are sampled at random. QMC: a scrambled Sobol sequence.
     """
+    start_up = max(3, min(10, settings.num_samples // 4))
+    if settings.sampler == "gp":
+        return {"name": "GPSampler", "n_startup_trials": start_up, "seed": settings.seed,
+                "deterministic_objective": False, "warn_independent_sampling": False}
+    if settings.sampler == "random":
+        return {"name": "RandomSampler", "seed": settings.seed}
+    if settings.sampler == "qmc":
+        return {"name": "QMCSampler", "qmc_type": "sobol", "scramble": True, "seed": settings.seed,
+                "warn_independent_sampling": False}
     return {
         "name": "TPESampler",
-        "n_startup_trials": max(3, min(10, settings.num_samples // 4)),
+        "n_startup_trials": start_up,
         "multivariate": True,
         "group": True,
         "constant_liar": True,
@@ -31,19 +45,26 @@ def sampler_settings(settings: SweepSettings) -> dict:
     }
 
 
-def make_searcher(settings: SweepSettings, space: SearchSpace, max_concurrent: int):
+def make_sampler(settings: SweepSettings):
     import warnings
 
     import optuna
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
-    options = {k: v for k, v in sampler_settings(settings).items() if k != "name"}
+    options = sampler_settings(settings)
     with warnings.catch_warnings():  # multivariate/group are marked experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(**options)
+        return getattr(optuna.samplers, options.pop("name"))(**options)
+
+
+def make_searcher(settings: SweepSettings, space: SearchSpace, max_concurrent: int, storage_url: str | None = None):
+    """Optuna's sampler on the sweep's study (``storage_url``; None: in memory), seed recipe or --points first."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    from search.studysearch import StudySearch
+
     points = settings.points or [seed_point(space)[0]]
-    searcher = OptunaSearch(space=define_by_run(space), metric=METRIC, mode="max", points_to_evaluate=points, sampler=sampler)
+    searcher = StudySearch(storage_url=storage_url, study_name=settings.name, space=define_by_run(space), metric=METRIC,
+                           mode="max", points_to_evaluate=points, sampler=make_sampler(settings))
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
 
 
@@ -70,13 +91,19 @@ def make_trainable(settings: SweepSettings, base: dict, data, encoder_states):
     return tune.with_resources(bound, resources)
 
 
-def make_tuner(settings: SweepSettings, space: SearchSpace, trainable, max_concurrent: int, callbacks: list):
+def make_tuner(settings: SweepSettings, space: SearchSpace, trainable, max_concurrent: int, callbacks: list,
+               storage_url: str | None = None):
     from ray import tune
+
+    from search.studysearch import StudyCallback
+
+    if storage_url is not None:  # mirrors every trial into the study; first, so what trials.csv shows is in the study
+        callbacks = [StudyCallback(settings.name, storage_url, settings.epochs, METRIC), *callbacks]
 
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(settings, space, max_concurrent),
+            search_alg=make_searcher(settings, space, max_concurrent, storage_url),
             scheduler=make_scheduler(settings),
             num_samples=settings.num_samples,
             reuse_actors=settings.reuse_actors,

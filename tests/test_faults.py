@@ -85,11 +85,11 @@ def test_ctrl_c_during_retrain_then_resume_does_only_the_missing_work(paths, ray
                       "--retrain-seeds", "2")
     driver = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = paths["storage"] / "retrain-int"
-    first = run_dir / "final" / "best" / "seed0" / "metrics.json"
     deadline = time.monotonic() + 600
-    while not first.is_file():
+    while not (done := list((run_dir / "final" / "best").glob("*/seed0/metrics.json"))):
         assert driver.poll() is None and time.monotonic() < deadline, "the driver ended before the first retrain"
         time.sleep(0.5)
+    first = done[0]
     driver.send_signal(signal.SIGINT)
     _, stderr = driver.communicate(timeout=120)
     assert driver.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
@@ -100,9 +100,11 @@ def test_ctrl_c_during_retrain_then_resume_does_only_the_missing_work(paths, ray
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "retrain: best seed 0 already done" in proc.stdout
     assert first.stat().st_mtime_ns == done_before  # not redone
-    for recipe in ("best", "seed_recipe"):
-        assert sorted(p.name for p in (run_dir / "final" / recipe).iterdir()) == ["seed0", "seed1"]
-    assert len(json.loads((run_dir / "final" / "metrics.json").read_text())["best"]["seeds"]) == 2
+    final = json.loads((run_dir / "final" / "metrics.json").read_text())
+    for recipe in ("best", "seed_recipe"):  # one key per recipe: the same configuration was resumed
+        assert [p.name for p in (run_dir / "final" / recipe).iterdir()] == [final[recipe]["key"]]
+        assert sorted(p.name for p in (run_dir / "final" / recipe / final[recipe]["key"]).iterdir()) == ["seed0", "seed1"]
+    assert len(final["best"]["seeds"]) == 2 and final["best"]["ensemble"]["members"] == 2
     assert len(pd.read_csv(run_dir / "trials.csv")) == 2
 
 

@@ -1,6 +1,7 @@
 """The sweep: search space, CLI validation, debug mode, a real ASHA sweep, retrain, resume."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -237,13 +238,16 @@ def test_best_config_retrained_and_scored_once_on_test(finished_sweep):
     best = json.loads((run_dir / "best_config.json").read_text())
     assert best["best_val_dice"] == pytest.approx(table["best_val_dice"].max())
     final = json.loads((run_dir / "final" / "metrics.json").read_text())
+    assert final["epochs"] == {"trials": 3, "final": 1}  # --final-epochs, not the trials' --epochs
     for recipe in ("best", "seed_recipe"):
         assert set(final[recipe]["test"]) >= {"dice", "f1", "precision", "recall"}
-        assert final[recipe]["epochs"] == 3 and len(final[recipe]["seeds"]) == 1
-        assert (run_dir / "final" / recipe / "seed0" / "model.pt").is_file()
+        assert final[recipe]["epochs"] == 1 and len(final[recipe]["seeds"]) == 1
+        assert final[recipe]["runs"] == [f"{recipe}/{final[recipe]['key']}/seed0"]
+        assert (run_dir / "final" / final[recipe]["runs"][0] / "model.pt").is_file()
+        assert set(final[recipe]["ensemble_postprocessed"]["test"]) >= {"dice", "f1", "precision", "recall"}
     assert final["best"]["params"] == best["params"]
     assert any("resize_px 256 is not among [64]" in n for n in final["notes"])
-    for name in ("model.pt", "predictions.png", "overlay_best.png", "overlay_worst.png"):
+    for name in ("model.pt", "model/member0.pt", "postprocess.json", "predictions.png", "overlay_best.png", "overlay_worst.png"):
         assert (run_dir / "final" / name).is_file()
     assert (run_dir / "report.html").is_file()
     # Ray's experiment folder holds one trial folder per trial, with at most one checkpoint each
@@ -289,6 +293,9 @@ def _finished_trials(run_dir):
 def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_path):
     port = _free_port()
     args = sweep_args(paths, ray_tmp, "resumable", "--gpus", "2", "--num-samples", "6", "--epochs", "3", "--grace-period", "3")
+    mlflow = importlib.util.find_spec("mlflow") is not None
+    if mlflow:  # MLflow runs survive the kill too: no run and no epoch logged twice
+        args += ["--mlflow", str(tmp_path / "mlflow")]
     args[args.index("--no-dashboard")] = "--dashboard"
     args += ["--dashboard-port", str(port)]
     driver = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -321,6 +328,23 @@ def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_pat
         path = run_dir / "tune" / row["trial_dir"] / "result.json"
         assert path.read_text().count("\n") == lines_before[tid]
         assert after.set_index("trial_id").loc[tid, "best_val_dice"] == pytest.approx(row["best_val_dice"])
+    if mlflow:
+        _check_mlflow_after_resume(run_dir, after)
+
+
+def _check_mlflow_after_resume(run_dir, table) -> None:
+    from search import tracking
+
+    info = json.loads((run_dir / "sweep.json").read_text())["mlflow"]  # recorded before the kill, reused
+    client = tracking.client(info["uri"])
+    assert len(client.search_runs([info["experiment_id"]], "attributes.run_name = 'resumable'")) == 1
+    children = client.search_runs([info["experiment_id"]], f"tags.mlflow.parentRunId = '{info['parent_run_id']}'")
+    assert sorted(r.data.tags[tracking.TRIAL_ID_TAG] for r in children) == sorted(table["trial_id"])
+    for run in children:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_dice")]
+        assert sorted(steps) == [1, 2, 3], (run.info.run_name, steps)
+        assert (run.info.status, run.data.tags[tracking.STATUS_TAG]) == ("FINISHED", "COMPLETED")
+    assert client.get_run(info["parent_run_id"]).info.status == "FINISHED"
 
 
 @pytest.mark.slow
