@@ -135,7 +135,7 @@ def build_card(shipped: Shipped, onnx_path: Path, parity: dict, command: str) ->
                         "chosen_on": "validation" if shipped.kind == "run" else "none: the configuration's threshold"},
         "data": dataset_of(shipped, metrics),
         "config": cfg.to_dict(),
-        "evaluation_precision": (f"the test metrics were computed with precision '{cfg.precision}' (bf16 autocast where "
+        "evaluation_precision": (f"The test metrics were computed with precision '{cfg.precision}' (bf16 autocast where "
                                  "the device supports it, else fp32); the ONNX graph runs in fp32"),
         "metrics_file": str(metrics_path) if metrics_path else None,
         "metrics": metrics,
