@@ -114,8 +114,12 @@ def closing_block(run_dir: Path, name: str, storage: str, best: dict | None, sum
     if report is not None:
         lines.append(f"  report       {report}")
     lines.append("next:")
-    if model.is_file():
-        lines.append(f"  predict      python -m tumorseg.predict {shlex.quote(str(model))} IMAGE.jpg --out predictions/")
+    shipped_dir = run_dir / FINAL_DIR / "model"  # the ensemble + post-processing that test scored
+    if shipped_dir.is_dir() or model.is_file():
+        source = shlex.quote(str(run_dir if shipped_dir.is_dir() else model))
+        lines.append(f"  predict      python -m tumorseg.predict {source} IMAGES_OR_FOLDER --out predictions/")
+    if shipped_dir.is_dir():
+        lines.append(f"  export       python -m tumorseg.export {shlex.quote(str(run_dir))}   (ONNX + model card; needs .[onnx])")
     lines.append(f"  report       python -m search.report {shlex.quote(str(run_dir))}")
     lines.append(f"  resume       python -m search.run --name {shlex.quote(name)} --storage {shlex.quote(storage)} --resume")
     return "\n".join(lines)
