@@ -18,6 +18,8 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -58,8 +60,6 @@ def best_after(table: pd.DataFrame, counts: list[int]) -> dict[int, float]:
 
 def run_sweep(data: Path, out: Path, name: str, sampler: str, seed: int, trials: int, epochs: int, resize: int) -> tuple[pd.DataFrame, float]:
     """One sweep (or the finished one already there): its trials table and wall time in seconds."""
-    from search.bench import _run
-
     done = out / name / TRIALS_CSV
     if (out / name / "wall_s.txt").is_file():
         return pd.read_csv(done), float((out / name / "wall_s.txt").read_text())
@@ -67,7 +67,11 @@ def run_sweep(data: Path, out: Path, name: str, sampler: str, seed: int, trials:
     args = ["-m", "search.run", "--data", str(data), "--storage", str(out), "--name", name, "--sampler", sampler,
             "--seed", str(seed), "--num-samples", str(trials), "--epochs", str(epochs), "--resize-choices", str(resize),
             "--encoder-weights", "none", "--no-dashboard", "--no-retrain", "--cpus-per-trial", "1", "--num-workers", "0"]
-    wall, _ = _run(args)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"search.bench --samplers: sweep {name} failed:\n{proc.stderr[-2000:]}")
+    wall = time.perf_counter() - t0
     (out / name / "wall_s.txt").write_text(f"{wall:.1f}")
     return pd.read_csv(done), wall
 
