@@ -68,7 +68,7 @@ def run_sweep(data: Path, out: Path, name: str, sampler: str, seed: int, trials:
             "--seed", str(seed), "--num-samples", str(trials), "--epochs", str(epochs), "--resize-choices", str(resize),
             "--encoder-weights", "none", "--no-dashboard", "--no-retrain", "--cpus-per-trial", "1", "--num-workers", "0"]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=False)
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"search.bench --samplers: sweep {name} failed:\n{proc.stderr[-2000:]}")
     wall = time.perf_counter() - t0

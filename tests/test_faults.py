@@ -80,6 +80,23 @@ def test_sweep_retrain_and_report_finish_despite_faults(faulty_sweep):
 
 
 @pytest.mark.slow
+def test_the_study_records_failures_as_fail_with_their_reasons(faulty_sweep):
+    import optuna
+
+    run_dir, table = faulty_sweep
+    study = optuna.load_study(study_name="faulty", storage=f"sqlite:///{run_dir / 'study.db'}")
+    trials = {int(t.user_attrs["trial_name"].split("_")[1]): t for t in study.trials}
+    assert sorted(trials) == list(table.index)  # one Optuna trial per Tune trial, the retried ones too
+    for index in (1, 2, 3):  # non-finite loss, out of memory, crashed max_failures + 1 times
+        assert trials[index].state.name == "FAIL" and trials[index].value is None
+        assert trials[index].user_attrs["failure_reason"] == table.loc[index, "failure_reason"]
+    for index in (0, 4, 5):
+        assert trials[index].state.name == "COMPLETE" and trials[index].value == pytest.approx(table.loc[index, "best_val_dice"])
+    assert sorted(trials[4].intermediate_values) == [1, 2, 3]  # epochs 1-2, then epoch 3 after the retry
+    assert trials[3].intermediate_values.keys() == {1}  # what the crashing trial finished is kept
+
+
+@pytest.mark.slow
 def test_ctrl_c_during_retrain_then_resume_does_only_the_missing_work(paths, ray_tmp):
     args = sweep_args(paths, ray_tmp, "retrain-int", "--num-samples", "2", "--epochs", "2", "--grace-period", "2",
                       "--retrain-seeds", "2")

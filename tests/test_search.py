@@ -328,6 +328,12 @@ def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_pat
         path = run_dir / "tune" / row["trial_dir"] / "result.json"
         assert path.read_text().count("\n") == lines_before[tid]
         assert after.set_index("trial_id").loc[tid, "best_val_dice"] == pytest.approx(row["best_val_dice"])
+    # the same study, continued: each trial of trials.csv once and COMPLETE; anything else a FAIL ghost
+    study = optuna.load_study(study_name="resumable", storage=f"sqlite:///{run_dir / 'study.db'}")
+    states = {t.user_attrs["tune_trial_id"]: t.state.name for t in study.trials}
+    ids = pd.read_csv(run_dir / "trials.csv", dtype={"trial_id": str})["trial_id"]
+    assert len(states) == len(study.trials) and {tid: states[tid] for tid in ids} == dict.fromkeys(ids, "COMPLETE")
+    assert set(states.values()) <= {"COMPLETE", "FAIL"}
     if mlflow:
         _check_mlflow_after_resume(run_dir, after)
 
