@@ -100,7 +100,8 @@ def sample_points(n: int, seed: int, warmup_max: int) -> list[dict]:
 
 
 def run_arm(args, data: Path, name: str, points_file: Path, seed: int, grace: int, rf: float) -> Path:
-    """One ``search.run`` sweep of the points (reused when a finished one of that name is in ``--out``)."""
+    """One ``search.run`` sweep of the points: reused when a finished one of that name is in
+    ``--out``, continued (``search.run --resume``) when an interrupted one is."""
     import pandas as pd
 
     run_dir = args.out / name
@@ -109,18 +110,16 @@ def run_arm(args, data: Path, name: str, points_file: Path, seed: int, grace: in
         if len(table) == args.trials and table["status"].isin(["COMPLETED", "STOPPED_EARLY", "FAILED"]).all():
             print(f"  reusing {run_dir}")
             return run_dir
-    if run_dir.exists():  # an attempt that did not finish: start again
-        import shutil
-
-        shutil.rmtree(run_dir)
+    resume = (run_dir / "sweep.json").is_file() and (run_dir / TUNE_DIR).is_dir()
     with tempfile.TemporaryDirectory(prefix="ray-asha-", dir="/tmp") as ray_tmp:
-        cmd = [sys.executable, "-m", "search.run", "--data", str(data), "--storage", str(args.out), "--name", name,
-               "--num-samples", str(args.trials), "--epochs", str(args.epochs), "--grace-period", str(grace),
-               "--reduction-factor", f"{rf:g}", "--points", str(points_file), "--seed", str(seed),
-               "--resize-choices", str(RESIZE_PX), "--warmup-epochs-range", f"0,{args.warmup_max}",
-               "--batch-size", str(args.batch_size), "--encoder-weights", "none", "--cpus-per-trial", "1",
-               "--max-concurrent", str(args.slots), "--num-workers", "0", "--no-dashboard", "--no-retrain",
+        cmd = [sys.executable, "-m", "search.run", "--storage", str(args.out), "--name", name, "--no-retrain",
                "--ray-temp-dir", ray_tmp]
+        cmd += ["--resume"] if resume else [
+            "--data", str(data), "--num-samples", str(args.trials), "--epochs", str(args.epochs), "--grace-period", str(grace),
+            "--reduction-factor", f"{rf:g}", "--points", str(points_file), "--seed", str(seed),
+            "--resize-choices", str(RESIZE_PX), "--warmup-epochs-range", f"0,{args.warmup_max}",
+            "--batch-size", str(args.batch_size), "--encoder-weights", "none", "--cpus-per-trial", "1",
+            "--max-concurrent", str(args.slots), "--num-workers", "0", "--no-dashboard"]
         print("  $ python " + " ".join(cmd[1:]), flush=True)
         t0 = time.perf_counter()
         # A reused trial process waits TUNE_FUNCTION_THREAD_TIMEOUT_S (Ray's default: 2 s) for the
@@ -148,7 +147,8 @@ def read_curves(run_dir: Path) -> list[dict]:
     curves = []
     for row in table.itertuples():
         records = [json.loads(line) for line in (run_dir / TUNE_DIR / row.trial_dir / "result.json").read_text().splitlines()]
-        epochs = [r for r in records if r.get("epoch", 0) > 0 and not r.get("failure_reason")]
+        by_epoch = {r["epoch"]: r for r in records if r.get("epoch", 0) > 0 and not r.get("failure_reason")}
+        epochs = [by_epoch[e] for e in sorted(by_epoch)]  # a resumed trial may report an epoch twice: the last counts
         curves.append({
             "index": int(row.trial_index), "status": row.status, "failed": row.status == "FAILED",
             "warmup_epochs": int(row.warmup_epochs), "lr": float(row.lr),

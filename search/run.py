@@ -138,6 +138,9 @@ def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: li
     cluster.start_ray(settings)
     try:
         slots = place_trials(settings, base)
+        if study_url is not None:
+            shown = study.with_driver(study.redact(study_url))
+            print(f"Optuna study {settings.name}: optuna-dashboard {shown} --host 127.0.0.1  (pip install -e '.[dashboard]')")
         if not is_uri(settings.storage):
             check_visible_from_all_nodes(settings.run_dir)
         mlflow_run = open_mlflow(settings, base)

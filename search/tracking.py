@@ -171,21 +171,26 @@ def close_sweep_run(run_dir: Path, finished: bool) -> None:
 
 
 def _reconcile_trials(mlflow, info: dict, run_dir: Path) -> None:
-    """Trial runs left RUNNING whose trial has finished in trials.csv (the driver died between the
-    two) get that status."""
+    """Make the trial runs agree with trials.csv after a killed driver: a run left RUNNING whose trial
+    has finished gets that status; a run of a trial trials.csv does not hold (started just before
+    the driver died, not in Tune's saved state, so ``--resume`` ran it again under a new id) is
+    deleted (MLflow's soft delete), so each trial has one run."""
     import pandas as pd
 
     path = run_dir / TRIALS_CSV
     if not path.is_file():
         return
     table = pd.read_csv(path, dtype={"trial_id": str}).set_index("trial_id")
-    running = mlflow.search_runs([info["experiment_id"]], max_results=50000, filter_string=(
-        f"tags.mlflow.parentRunId = '{info['parent_run_id']}' and attributes.status = 'RUNNING'"))
-    for run in running:
-        trial_id = run.data.tags.get(TRIAL_ID_TAG)
-        if trial_id in table.index and table.loc[trial_id, "status"] in RUN_STATUS:
+    children = mlflow.search_runs([info["experiment_id"]], f"tags.mlflow.parentRunId = '{info['parent_run_id']}'",
+                                  max_results=50000)
+    for run in children:
+        trial_id, run_id = run.data.tags.get(TRIAL_ID_TAG), run.info.run_id
+        if trial_id not in table.index:
+            close_trial_run(mlflow, run_id, "DISCARDED", "Tune lost this trial when the driver died; --resume ran it again")
+            mlflow.delete_run(run_id)
+        elif run.info.status == "RUNNING" and table.loc[trial_id, "status"] in RUN_STATUS:
             reason = table.loc[trial_id, "failure_reason"]
-            close_trial_run(mlflow, run.info.run_id, table.loc[trial_id, "status"], reason if isinstance(reason, str) else "")
+            close_trial_run(mlflow, run_id, table.loc[trial_id, "status"], reason if isinstance(reason, str) else "")
 
 
 def close_trial_run(mlflow, run_id: str, status: str, reason: str = "") -> None:
@@ -193,7 +198,7 @@ def close_trial_run(mlflow, run_id: str, status: str, reason: str = "") -> None:
     mlflow.set_tag(run_id, STATUS_TAG, status)
     if reason:
         mlflow.set_tag(run_id, REASON_TAG, str(reason)[:5000])
-    mlflow.set_terminated(run_id, status=RUN_STATUS.get(status, "FINISHED"))
+    mlflow.set_terminated(run_id, status=RUN_STATUS.get(status, "KILLED"))
 
 
 def _log_scores(mlflow, run_id: str, run_dir: Path) -> None:

@@ -3,6 +3,8 @@
 ``METRIC`` is what ASHA compares at its rungs and what TPE learns from: the best native-resolution
 validation Dice a trial has reached so far. One epoch's Dice is noisy early on; the running best is
 what the trial would be selected by, and it is the score trials.csv and the report rank.
+The sampler works on the sweep's Optuna study in a database (``search.study``): ``StudySearch``
+asks it, ``StudyCallback`` mirrors every trial into it (``search.studysearch``).
 """
 
 from __future__ import annotations

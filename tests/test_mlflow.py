@@ -77,17 +77,19 @@ def test_resumed_runs_log_no_run_and_no_epoch_twice(tmp_path):
         runs.epoch("t1", "trial_000", {}, {"epoch": epoch, "val_dice": dice, "best_val_dice": dice, "lr": float("nan")})
     runs.epoch("t2", "trial_001", {}, {"epoch": 1, "val_dice": 0.0, "best_val_dice": 0.0, "failure_reason": "nan loss"})
     runs.start("t3", "trial_002", {"lr": 1e-4})
+    runs.start("lost", "trial_002", {"lr": 1e-4})  # started before the kill, not in Tune's saved state
     runs.end("t1", "COMPLETED")
     runs.end("t2", "FAILED", "training loss became non-finite (lr 1e-05)")
     # t3 finished in trials.csv but its run was never closed (the driver died in between)
-    pd.DataFrame({"trial_id": ["t3"], "status": ["STOPPED_EARLY"], "failure_reason": [None]}).to_csv(
+    pd.DataFrame({"trial_id": ["t1", "t2", "t3"], "status": ["COMPLETED", "FAILED", "STOPPED_EARLY"],
+                  "failure_reason": [None, "training loss became non-finite (lr 1e-05)", None]}).to_csv(
         settings.run_dir / "trials.csv", index=False)
     tracking.close_sweep_run(settings.run_dir, finished=True)
 
     client = tracking.client(info["uri"])
     children = client.search_runs([info["experiment_id"]], f"tags.mlflow.parentRunId = '{info['parent_run_id']}'")
     by_name = {r.info.run_name: r for r in children}
-    assert sorted(by_name) == ["trial_000", "trial_001", "trial_002"]
+    assert sorted(r.data.tags[tracking.TRIAL_ID_TAG] for r in children) == ["t1", "t2", "t3"]  # "lost" deleted
     first, second = by_name["trial_000"], by_name["trial_001"]
     assert _history(client, first.info.run_id) == [(1, 0.1), (2, 0.2), (3, 0.3)]
     assert client.get_metric_history(first.info.run_id, "lr") == []  # not finite: not logged
