@@ -184,9 +184,9 @@ class MLflowCallback(Callback):
             self._broken = True
             import sys
 
-            from search.tracking import _first_line
+            from search.tracking import first_line
 
-            print(f"warning: MLflow logging stopped ({_first_line(err)}); the sweep goes on, trials.csv has every result",
+            print(f"warning: MLflow logging stopped ({first_line(err)}); the sweep goes on, trials.csv has every result",
                   file=sys.stderr)
 
     def _end(self, trial, **row_args) -> None:

@@ -254,7 +254,6 @@ def format_summary(summary: dict) -> str:
             if k > 1:
                 lines.append(row(f"{recipe}, ensemble of {k}", entry["ensemble"]["test"]))
             lines.append(row(f"{recipe}, {'ensemble ' if k > 1 else ''}+ post-processing", entry["ensemble_postprocessed"]["test"]))
-            lines.append(f"  {'':38s}post-processing ({recipe}, chosen on validation): {entry['postprocess_describe']}")
     names = {"all_background": "baseline: all background", "train_mean_box": "baseline: training mean box"}
     for name, base in summary.get("baselines", {}).items():
         lines.append(row(names.get(name, name), base["test"]))

@@ -147,6 +147,10 @@ def open_storage(url: str, flag: str = "--study-storage", hint: str = "", write:
             probe.unlink()
         except OSError as err:
             raise ConfigError(f"{flag} {shown}: cannot write to the folder {folder} ({err.strerror or err})") from None
+    if backend == "sqlite":
+        # a reader (optuna-dashboard, the report) briefly locks the file: the driver waits for it instead of
+        # failing after SQLite's 5 s (no WAL mode: the run folder may be on NFS, where WAL does not work)
+        engine_kwargs["connect_args"] = {"timeout": 60}
     elif backend == "postgresql" and _parse(with_driver(url)).get_driver_name() == "psycopg2":
         engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails, not hangs
     try:

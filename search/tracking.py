@@ -74,7 +74,7 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
@@ -98,7 +98,7 @@ def open_sweep_run(settings, base: dict) -> dict:
                 return info
             return _create_sweep_run(settings, base)
     except Exception as err:  # noqa: BLE001 - whatever the store says, in one line
-        raise ConfigError(f"--mlflow {settings.mlflow}: cannot log there ({_first_line(err)})") from None
+        raise ConfigError(f"--mlflow {settings.mlflow}: cannot log there ({first_line(err)})") from None
 
 
 @contextlib.contextmanager
@@ -167,7 +167,7 @@ def close_sweep_run(run_dir: Path, finished: bool) -> None:
             _log_scores(mlflow, run_id, Path(run_dir))
         mlflow.set_terminated(run_id, status="FINISHED" if finished else "KILLED")
     except Exception as err:  # noqa: BLE001
-        print(f"warning: MLflow: could not close the sweep's run ({_first_line(err)})", file=sys.stderr)
+        print(f"warning: MLflow: could not close the sweep's run ({first_line(err)})", file=sys.stderr)
 
 
 def _reconcile_trials(mlflow, info: dict, run_dir: Path) -> None:

@@ -140,3 +140,19 @@ def test_sweep_trials_are_nested_runs_with_params_metrics_status_and_the_final_a
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "final")} == {"final/model.pt", "final/metrics.json"}
     local = client.download_artifacts(parent.info.run_id, "final/metrics.json", str(run_dir.parent / "mlflow-download"))
     assert json.loads(Path(local).read_text()) == final
+
+
+def test_a_tracking_failure_mid_sweep_is_one_warning_and_the_sweep_goes_on(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from search.callbacks import MLflowCallback
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # the store's folder cannot exist: every call fails
+    info = {"uri": f"sqlite:///{blocker}/sub/mlflow.db", "experiment_id": "1", "parent_run_id": "p"}
+    callback = MLflowCallback(info, max_epochs=3)
+    trial = SimpleNamespace(trial_id="t1", config={"lr": 1e-3}, status="RUNNING", last_result={})
+    callback.on_trial_start(0, [trial], trial)
+    callback.on_trial_result(0, [trial], trial, {"epoch": 1, "val_dice": 0.1})
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: MLflow logging stopped (")
