@@ -15,8 +15,8 @@ The study mirrors the sweep (``search.studysearch`` writes it, from Tune's own e
   out of memory) and ``ERROR`` (crashed ``max_failures + 1`` times) trials are FAIL;
 - user attributes: Tune's trial id and name, node, checkpoint path, start time, wall time, the
   trials.csv status word and the failure reason;
-- ``--resume`` continues the same study; a trial a killed driver left RUNNING that Tune cannot
-  continue (it was created after Tune's last snapshot) is marked FAIL with that reason.
+- ``--resume`` continues the same study; a trial a killed driver left RUNNING that the restored
+  experiment does not hold (it was created after Tune's last snapshot) is marked FAIL with that reason.
 
 Passwords are never written to disk: sweep.json and Tune's pickled searcher hold the URL without
 its password (``redact``); the driver hands the full URL to the objects that connect
@@ -275,13 +275,13 @@ def record_end(study, storage, trial_id: int, row: dict, checkpoint_path: str | 
     return state_name
 
 
-def fail_stale_trials(study, storage, live_tune_ids: set[str]) -> list[int]:
-    """Mark FAIL the RUNNING trials Tune will not continue; returns their numbers."""
+def fail_stale_trials(study, storage, tune_ids: set[str]) -> list[int]:
+    """Mark FAIL the RUNNING trials whose Tune trial is not in ``tune_ids`` (the experiment's); their numbers."""
     import optuna
 
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if trial.user_attrs.get(TUNE_ID_ATTR) in live_tune_ids:
+        if trial.user_attrs.get(TUNE_ID_ATTR) in tune_ids:
             continue
         record_attrs(storage, trial._trial_id, {"failure_reason": STALE_REASON})
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)

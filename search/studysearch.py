@@ -6,11 +6,11 @@ reports intermediate values only for results Tune does not stop on. Here:
 
 - ``StudySearch`` (an ``OptunaSearch``) only asks: it tags each new Optuna trial with Tune's trial
   id, reports nothing and tells nothing. Tune pickles it with the experiment without the study
-  (and without the storage URL's password) and reconnects it on ``--resume``, where it marks FAIL
-  the RUNNING trials Tune will not continue.
+  (and without the storage URL's password) and reconnects it on ``--resume``.
 - ``StudyCallback`` (a Tune callback, so it sees every result and the trial objects) writes each
   epoch as an intermediate value and finishes each trial in the state its trials.csv row has
-  (``search.study.record_end``), with node, checkpoint path, wall time and failure reason.
+  (``search.study.record_end``), with node, checkpoint path, wall time and failure reason. On
+  ``--resume`` it marks FAIL the RUNNING trials the restored experiment does not hold.
 
 Both run in the driver; Tune calls the searcher, then the callbacks, for the same event before it
 asks the searcher for the next trial, so the sampler always sees the finished state.
@@ -90,16 +90,11 @@ class StudySearch(OptunaSearch):
             pickle.dump(self.__getstate__(), f)
 
     def restore(self, checkpoint_path: str) -> None:
-        """Reconnect as saved; then the RUNNING trials Tune will not continue (created after this
-        snapshot by a driver that was killed) become FAIL, so the study has no ghost trials."""
+        """Reconnect as saved. Which RUNNING trials are ghosts is ``StudyCallback``'s call: this file
+        and Tune's experiment snapshot are written one after the other, so a killed driver can leave
+        them a trial apart."""
         with open(checkpoint_path, "rb") as f:
             self.__setstate__(pickle.load(f))
-        if self._storage_url is not None:
-            live = set(self._ot_trials) - self._completed_trials
-            failed = studydb.fail_stale_trials(self._ot_study, self._storage, live)
-            if failed:
-                logger.warning("study %s: trials %s were left RUNNING by the stopped driver and are now FAIL",
-                               self._study_name, failed)
 
 
 class StudyCallback(Callback):
@@ -112,6 +107,7 @@ class StudyCallback(Callback):
         self.metric = metric
         self._study = self._storage = None
         self._ids: dict[str, int] = {}  # Tune trial id -> Optuna trial id
+        self._reconciled = False  # with the trials Tune restored, on this driver's first step
 
     def __getstate__(self) -> dict:
         return {"args": (self.study_name, self.storage_url, self.max_epochs, self.metric)}
@@ -140,6 +136,25 @@ class StudyCallback(Callback):
         except Exception as err:  # noqa: BLE001
             logger.warning("study %s: could not record %s of %s (%s: %s)", self.study_name, what, trial,
                            type(err).__name__, err)
+
+    def on_step_begin(self, iteration, trials, **info):
+        """The first step, before Tune asks the searcher for a trial: a RUNNING trial of the study that
+        the (restored) experiment does not hold was created after Tune's last snapshot by a driver that
+        was killed; nothing will continue it, so it becomes FAIL with that reason (no ghost trials)."""
+        if self._reconciled:
+            return
+        self._reconciled = True
+        try:
+            if self._study is None:
+                self._storage, self._study = _connect(self.study_name, self.storage_url)
+            failed = studydb.fail_stale_trials(self._study, self._storage, {trial.trial_id for trial in trials})
+        except Exception as err:  # noqa: BLE001
+            logger.warning("study %s: could not check for trials left RUNNING (%s: %s)", self.study_name,
+                           type(err).__name__, err)
+            return
+        if failed:
+            logger.warning("study %s: trials %s were left RUNNING by the stopped driver and are now FAIL",
+                           self.study_name, failed)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         def start(trial_id: int) -> None:

@@ -109,9 +109,15 @@ def _searcher(url, name="sweep"):
                        sampler=optuna.samplers.RandomSampler(seed=0))
 
 
-def test_resumed_searcher_reconnects_and_fails_only_the_trials_tune_cannot_continue(tmp_path):
-    """Tune pickles the searcher at the start (tuner.pkl) and with each snapshot; a trial created
-    after the last snapshot is unknown to the restored Tune, so its RUNNING Optuna trial is a ghost."""
+def test_resume_fails_only_the_study_trials_the_restored_experiment_does_not_hold(tmp_path):
+    """Tune writes its experiment snapshot, then the searcher's, then its search generator's; a driver
+    killed between them leaves the searcher a trial ahead of the experiment (what CI once hit: t3
+    below was live for the searcher, unknown to Tune, and stayed RUNNING for ever). So the ghosts are
+    decided from the trials Tune restored, on the first step, before any new trial is asked for."""
+    from types import SimpleNamespace
+
+    from search.studysearch import StudyCallback
+
     url = f"sqlite:///{tmp_path}/study.db"
     searcher = _searcher(url)
     start_pickle = pickle.dumps(searcher)  # like tuner.pkl
@@ -120,16 +126,20 @@ def test_resumed_searcher_reconnects_and_fails_only_the_trials_tune_cannot_conti
     storage = searcher._storage
     studydb.record_end(searcher._ot_study, storage, searcher._ot_trials["t0"]._trial_id, _row("COMPLETED", 0.5, 2))
     searcher.on_trial_complete("t0", {"best_val_dice": 0.5})
-    searcher.save(str(tmp_path / "searcher-state.pkl"))  # Tune's snapshot: t1, t2 live
-    searcher.suggest("t3")  # then the driver is killed
+    searcher.suggest("t3")
+    searcher.save(str(tmp_path / "searcher-state.pkl"))  # the searcher's snapshot has t3 ...
+    restored_trials = [SimpleNamespace(trial_id=tid) for tid in ("t0", "t1", "t2")]  # ... Tune's does not
 
     restored = pickle.loads(start_pickle)
     restored.restore(str(tmp_path / "searcher-state.pkl"))
-    assert set(restored._ot_trials) == {"t1", "t2"}  # the live trials, tied to the same Optuna trials
+    assert set(restored._ot_trials) == {"t1", "t2", "t3"}  # tied to the same Optuna trials
+    callback = pickle.loads(pickle.dumps(StudyCallback("sweep", url, max_epochs=2, metric="best_val_dice")))
+    callback.on_step_begin(0, restored_trials)
+    restored.suggest("t4")  # Tune's next trial, after the first step's check
+    callback.on_step_begin(1, [*restored_trials, SimpleNamespace(trial_id="t4")])
     states = {t.user_attrs[studydb.TUNE_ID_ATTR]: t.state.name for t in restored._ot_study.trials}
-    assert states == {"t0": "COMPLETE", "t1": "RUNNING", "t2": "RUNNING", "t3": "FAIL"}
+    assert states == {"t0": "COMPLETE", "t1": "RUNNING", "t2": "RUNNING", "t3": "FAIL", "t4": "RUNNING"}
     assert studydb.find_trial(restored._ot_study, "t3").user_attrs["failure_reason"] == studydb.STALE_REASON
-    restored.suggest("t4")
     assert [t.number for t in restored._ot_study.trials] == [0, 1, 2, 3, 4]  # nothing duplicated
     assert b"RDBStorage" not in pickle.dumps(restored) and b"_ot_study" in pickle.dumps(restored)
 
