@@ -97,8 +97,10 @@ def make_tuner(settings: SweepSettings, space: SearchSpace, trainable, max_concu
                storage_url: str | None = None):
     from ray import tune
 
+    from search.checkpoints import ContinueFromSavedCheckpoint
     from search.studysearch import StudyCallback
 
+    callbacks = [ContinueFromSavedCheckpoint(), *callbacks]  # pickled with the experiment: --resume runs it
     if storage_url is not None:  # mirrors every trial into the study; first, so what trials.csv shows is in the study
         callbacks = [StudyCallback(settings.name, storage_url, settings.epochs, METRIC), *callbacks]
 

@@ -1,0 +1,122 @@
+"""Trial checkpoints as ``--resume`` finds them on the sweep's storage.
+
+Tune keeps one checkpoint per trial (the latest epoch's state, ``CheckpointConfig(num_to_keep=1)``):
+when a trial reports checkpoint k+1, Tune registers it and deletes checkpoint k at once, and writes
+the experiment snapshot that names k+1 a moment later. A driver killed in between (SIGKILL, a lost
+ssh session, the OOM killer) leaves a snapshot that names a deleted checkpoint; Tune's restore then
+fails that trial ("Could not recover from checkpoint as it does not exist on storage anymore") on
+every retry, and a trial that was nearly done ends ``ERROR``.
+
+``ContinueFromSavedCheckpoint`` mends that before Tune starts the restored trials: such a trial
+continues from the oldest checkpoint beside the named one with a higher index. That is the one
+whose registration deleted it, so it was complete (a still newer one may have been cut off
+mid-upload by the kill).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import sys
+
+from ray.tune import Callback
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)$")  # Tune's checkpoint folders in a trial's folder
+RESULT_FILE = "result.json"  # Tune's per-trial results, one JSON line per report
+
+
+def checkpoint_index(path: str) -> int | None:
+    """The index in a ``checkpoint_000007`` folder's name (None: not a checkpoint folder)."""
+    match = CHECKPOINT_NAME.match(posixpath.basename(path.rstrip("/")))
+    return int(match.group(1)) if match else None
+
+
+def saved_checkpoints(filesystem, trial_path: str) -> list[tuple[int, str]]:
+    """(index, path) of the checkpoint folders in a trial's folder on ``filesystem``, oldest first."""
+    from pyarrow.fs import FileSelector, FileType
+
+    found = []
+    for entry in filesystem.get_file_info(FileSelector(trial_path, allow_not_found=True)):
+        index = checkpoint_index(entry.path)
+        if entry.type == FileType.Directory and index is not None:
+            found.append((index, entry.path))
+    return sorted(found)
+
+
+def reported_metrics(filesystem, trial_path: str, checkpoint_name: str) -> dict:
+    """The result the trial reported with ``checkpoint_name`` (its result.json line), or {}."""
+    try:
+        with filesystem.open_input_stream(posixpath.join(trial_path, RESULT_FILE)) as stream:
+            lines = stream.readall().decode(errors="replace").splitlines()
+    except (OSError, FileNotFoundError):
+        return {}
+    for line in reversed(lines):
+        try:
+            result = json.loads(line)
+        except ValueError:  # a line cut off by the kill
+            continue
+        if result.get("checkpoint_dir_name") == checkpoint_name:
+            return result
+    return {}
+
+
+def continue_from_saved_checkpoint(trial) -> tuple[str, str] | None:
+    """Point a restored Tune trial whose checkpoint is gone at the next one on storage.
+
+    Returns the (missing, used) folder names, or None when nothing needed mending (or nothing could).
+    Ray has no public way to do this; the fields set are those ``Trial.on_checkpoint`` sets.
+    """
+    from pyarrow.fs import FileType
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import Checkpoint
+
+    latest = trial.latest_checkpoint_result
+    if latest is None or latest.checkpoint is None:
+        return None
+    filesystem, missing = latest.checkpoint.filesystem, latest.checkpoint.path.rstrip("/")
+    missing_index = checkpoint_index(missing)
+    if missing_index is None or filesystem.get_file_info(missing).type != FileType.NotFound:
+        return None
+    trial_path = posixpath.dirname(missing)
+    saved = saved_checkpoints(filesystem, trial_path)
+    newer = [path for index, path in saved if index > missing_index]
+    if not newer:
+        return None
+    name = posixpath.basename(newer[0])
+    mended = _TrainingResult(checkpoint=Checkpoint(newer[0], filesystem),
+                             metrics=reported_metrics(filesystem, trial_path, name))
+    manager = trial.run_metadata.checkpoint_manager
+    manager._checkpoint_results = [mended]
+    manager._latest_checkpoint_result = mended
+    # the index of the last checkpoint written: the trial's next one goes after every folder there
+    trial.storage.current_checkpoint_index = saved[-1][0]
+    trial.invalidate_json_state()
+    trial.run_metadata.invalidate_cache()
+    return posixpath.basename(missing), name
+
+
+class ContinueFromSavedCheckpoint(Callback):
+    """On the first step of a (resumed) experiment, before any trial is restored, mends the trials
+    whose snapshot names a checkpoint that was deleted after the snapshot was taken."""
+
+    def __init__(self):
+        self._checked = False
+
+    def __getstate__(self):  # Tune pickles callbacks with each snapshot: every driver checks once
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self._checked:
+            return
+        self._checked = True
+        for trial in trials:
+            if trial.status in ("TERMINATED", "ERROR"):
+                continue
+            mended = continue_from_saved_checkpoint(trial)
+            if mended is not None:
+                print(f"{trial}: its saved {mended[0]} was replaced just before the driver stopped; "
+                      f"it continues from {mended[1]}", file=sys.stderr)
