@@ -116,7 +116,12 @@ class ContinueFromSavedCheckpoint(Callback):
         for trial in trials:
             if trial.status in ("TERMINATED", "ERROR"):
                 continue
-            mended = continue_from_saved_checkpoint(trial)
+            try:
+                mended = continue_from_saved_checkpoint(trial)
+            except Exception as err:  # noqa: BLE001 - a storage hiccup here must not stop the resume
+                print(f"{trial}: could not check its saved checkpoint ({type(err).__name__}: {err}); "
+                      "Tune restores it as saved", file=sys.stderr)
+                continue
             if mended is not None:
                 print(f"{trial}: its saved {mended[0]} was replaced just before the driver stopped; "
                       f"it continues from {mended[1]}", file=sys.stderr)
