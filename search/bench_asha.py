@@ -99,7 +99,8 @@ def sample_points(n: int, seed: int, warmup_max: int) -> list[dict]:
 # ----------------------------------------------------------------------------- the arms
 
 
-def run_arm(args, data: Path, name: str, points_file: Path, seed: int, grace: int, rf: float) -> Path:
+def run_arm(args, data: Path, name: str, points_file: Path, seed: int, grace: int, rf: float,
+            rung_metric: str = "best_val_dice") -> Path:
     """One ``search.run`` sweep of the points: reused when a finished one of that name is in
     ``--out``, continued (``search.run --resume``) when an interrupted one is."""
     import pandas as pd
@@ -116,7 +117,7 @@ def run_arm(args, data: Path, name: str, points_file: Path, seed: int, grace: in
                "--ray-temp-dir", ray_tmp]
         cmd += ["--resume"] if resume else [
             "--data", str(data), "--num-samples", str(args.trials), "--epochs", str(args.epochs), "--grace-period", str(grace),
-            "--reduction-factor", f"{rf:g}", "--points", str(points_file), "--seed", str(seed),
+            "--reduction-factor", f"{rf:g}", "--rung-metric", rung_metric, "--points", str(points_file), "--seed", str(seed),
             "--resize-choices", str(RESIZE_PX), "--warmup-epochs-range", f"0,{args.warmup_max}",
             "--batch-size", str(args.batch_size), "--encoder-weights", "none", "--cpus-per-trial", "1",
             "--max-concurrent", str(args.slots), "--num-workers", "0", "--no-dashboard"]
@@ -284,9 +285,8 @@ def evaluate_setting(arms: dict[int, list[dict]], setting: tuple[int, float, str
 def check_real(args, data: Path, seed: int, points_file: Path, full: list[dict], setting: tuple[int, float, str]) -> dict:
     """A real ASHA sweep against the replay: same curves, same decisions in its own order of events."""
     grace, rf, metric = setting
-    if metric != "best":
-        raise ConfigError(f"--check {grace}:{rf:g}:{metric}: search.run's ASHA judges best_val_dice; check a :best setting")
-    run_dir = run_arm(args, data, f"asha-g{grace}-rf{rf:g}-{arm_tag(args, seed)}", points_file, seed, grace, rf)
+    run_dir = run_arm(args, data, f"asha-g{grace}-rf{rf:g}-{metric}-{arm_tag(args, seed)}", points_file, seed, grace, rf,
+                      METRICS[metric])
     real = read_curves(run_dir)
     diff = max((abs(a - b) for r, f in zip(real, full) for a, b in zip(r["val_dice"], f["val_dice"])), default=0.0)
     order = sorted((ts, c["index"], e + 1) for c in real for e, ts in enumerate(c["report_ts"]))

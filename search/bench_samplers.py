@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from search.rundir import TRIALS_CSV
+from search.rundir import TRIALS_CSV, SweepSettings
 from search.tuner import SAMPLERS
 from tumorseg.cli import ArgumentParser, parse_int_list
 
@@ -109,7 +109,9 @@ def main(argv=None) -> None:
         data = coco_fraction(data, out, args.data_fraction)
     print(f"machine: {machine()} (load average {os.getloadavg()[0]:.1f} at start)\ndata: {data}\n"
           f"versions: optuna {package_versions()['optuna']}, ray {package_versions()['ray']}")
-    print(f"each sweep: {args.trials} trials x <= {args.epochs} epochs at {args.resize} px, ASHA (grace period 2), from scratch; "
+    asha = SweepSettings(name="defaults")  # search.run's ASHA defaults, which every sweep here uses
+    print(f"each sweep: {args.trials} trials x <= {args.epochs} epochs at {args.resize} px, from scratch, ASHA with "
+          f"grace period {asha.grace_period}, reduction factor {asha.reduction_factor:g}, rung metric {asha.rung_metric}; "
           f"seeds 0..{args.seeds - 1}")
     results, t0 = {}, time.perf_counter()
     for sampler in samplers:

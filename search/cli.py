@@ -24,7 +24,7 @@ from tumorseg.errors import ConfigError
 from search.rundir import FINAL_EPOCHS_FACTOR, RAY_LOG, SweepSettings
 from search.space import OPTIONAL_NAMES, PARAM_NAMES, PARAMS, SearchSpace, define_by_run, fit_to_budget, read_space_file
 from search.study import normalise
-from search.tuner import SAMPLERS
+from search.tuner import RUNG_METRICS, SAMPLERS
 
 # TrainConfig fields with a sweep-specific meaning, defined by hand below
 SWEEP_OWNED_FIELDS = ("epochs", "seed", "num_workers")
@@ -73,8 +73,13 @@ def build_parser() -> ArgumentParser:
     t.add_argument("--epochs", type=int, default=TrainConfig().epochs, help="epoch budget of a trial (ASHA max_t)")
     t.add_argument("--final-epochs", type=int, default=None,
                    help=f"epoch budget of each final retrain run (default: {FINAL_EPOCHS_FACTOR} x --epochs: trials rank, the final training delivers)")
-    t.add_argument("--grace-period", type=int, default=2, help="ASHA: epochs before a trial may be stopped")
-    t.add_argument("--reduction-factor", type=float, default=3, help="ASHA: keep 1/this of trials at each rung")
+    t.add_argument("--grace-period", type=int, default=SweepSettings.grace_period,
+                   help=f"ASHA: epochs before a trial may be stopped (default {SweepSettings.grace_period})")
+    t.add_argument("--reduction-factor", type=float, default=SweepSettings.reduction_factor,
+                   help=f"ASHA: keep 1/this of trials at each rung (default {SweepSettings.reduction_factor:g})")
+    t.add_argument("--rung-metric", choices=RUNG_METRICS, default=SweepSettings.rung_metric,
+                   help="ASHA compares trials at a rung by this epoch's validation Dice (val_dice, default: measured "
+                        "best, README Benchmarks) or by the best so far (best_val_dice)")
     t.add_argument("--max-failures", type=int, default=2, help="retries of a crashing trial (from its checkpoint)")
     t.add_argument("--sampler", choices=SAMPLERS, default="tpe",
                    help="Optuna sampler: tpe (default), gp (Gaussian process, small budgets), random, qmc (Sobol)")
@@ -295,6 +300,7 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict, list[str
         epochs=args.epochs,
         grace_period=args.grace_period,
         reduction_factor=args.reduction_factor,
+        rung_metric=args.rung_metric,
         max_failures=args.max_failures,
         seed=args.seed,
         retrain_seeds=args.retrain_seeds,

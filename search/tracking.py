@@ -45,7 +45,7 @@ EPOCH_METRICS = ("val_dice", "best_val_dice", "val_iou", "val_f1", "val_precisio
 # trials.csv status -> MLflow run status (an ASHA stop is a normal end, as in Ray's MLflowLoggerCallback)
 RUN_STATUS = {"COMPLETED": "FINISHED", "STOPPED_EARLY": "FINISHED", "FAILED": "FAILED", "ERROR": "FAILED",
               "INTERRUPTED": "KILLED"}
-SWEEP_PARAMS = ("num_samples", "epochs", "grace_period", "reduction_factor", "seed", "data", "gpus", "gpus_per_trial")
+SWEEP_PARAMS = ("num_samples", "epochs", "grace_period", "reduction_factor", "rung_metric", "seed", "data", "gpus", "gpus_per_trial")
 FINAL_ARTIFACTS = (f"{FINAL_DIR}/model.pt", f"{FINAL_DIR}/metrics.json", REPORT_HTML, TRIALS_CSV, "best_config.json", SWEEP_JSON)
 
 

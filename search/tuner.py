@@ -1,8 +1,9 @@
 """The Tune experiment: Optuna (TPE unless --sampler) proposes, ASHA stops, Tune runs the trainable.
 
-``METRIC`` is what ASHA compares at its rungs and what TPE learns from: the best native-resolution
-validation Dice a trial has reached so far. One epoch's Dice is noisy early on; the running best is
-what the trial would be selected by, and it is the score trials.csv and the report rank.
+``METRIC`` is what the sampler learns from and what trials.csv, the report and the retrain rank by:
+the best native-resolution validation Dice a trial has reached so far. ASHA compares trials at a rung
+by ``--rung-metric``: by default that epoch's validation Dice, which `search.bench --asha-yield`
+measured losing less of the best than the running best at the same epochs saved (README, Benchmarks).
 The sampler works on the sweep's Optuna study in a database (``search.study``): ``StudySearch``
 asks it, ``StudyCallback`` mirrors every trial into it (``search.studysearch``).
 """
@@ -13,6 +14,7 @@ from search.rundir import TUNE_DIR, SweepSettings, trial_dirname, trial_name
 from search.space import SearchSpace, define_by_run, seed_point
 
 METRIC = "best_val_dice"
+RUNG_METRICS = ("val_dice", "best_val_dice")  # --rung-metric: what ASHA compares at a rung
 
 
 SAMPLERS = ("tpe", "gp", "random", "qmc")  # --sampler
@@ -73,7 +75,7 @@ def make_searcher(settings: SweepSettings, space: SearchSpace, max_concurrent: i
 def make_scheduler(settings: SweepSettings):
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="epoch", metric=METRIC, mode="max", max_t=settings.epochs,
+    return ASHAScheduler(time_attr="epoch", metric=settings.rung_metric, mode="max", max_t=settings.epochs,
                          grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
 
 

@@ -110,6 +110,23 @@ def test_tpe_start_up_is_sized_to_the_sweep():
     assert small["constant_liar"] and small["multivariate"]
 
 
+def test_asha_defaults_reach_the_scheduler_and_narrow_the_warmup():
+    """The measured defaults (grace 1, rf 2, this epoch's Dice; README's ASHA yield table) and the flag."""
+    from search.cli import build_parser, settings_from_args
+    from search.tuner import make_scheduler
+
+    settings, space, _, notes = settings_from_args(build_parser().parse_args(["--epochs", "4", "--encoder-weights", "none"]))
+    scheduler = make_scheduler(settings)
+    rungs = sorted(epoch for epoch, _ in scheduler._brackets[0]._rungs)  # Ray keeps no grace period attribute
+    assert (rungs, scheduler._reduction_factor, scheduler._metric) == ([1, 2, 4], 2, "val_dice")
+    assert space.warmup_epochs_range == (0, 1) and "by the ASHA --grace-period 1" in notes[0]
+    args = build_parser().parse_args(["--epochs", "4", "--rung-metric", "best_val_dice", "--grace-period", "2",
+                                      "--encoder-weights", "none"])
+    scheduler = make_scheduler(settings_from_args(args)[0])
+    rungs = sorted(epoch for epoch, _ in scheduler._brackets[0]._rungs)
+    assert (rungs, scheduler._reduction_factor, scheduler._metric) == ([2, 4], 2, "best_val_dice")
+
+
 def test_trial_resources_come_from_the_clusters_nodes_not_the_driver():
     from search.cluster import concurrent_trials, default_cpus_per_trial
     from search.rundir import SweepSettings
