@@ -1,6 +1,7 @@
 """Sweep benchmarks: where the time goes between the hardware and useful training.
 
     python -m search.bench [--quick] [--data DIR] [--out results/bench]
+    python -m search.bench --samplers [...]   # Optuna's samplers compared (search/bench_samplers.py)
 
 Prints a table (numbers, not pass/fail; targets in brackets):
 
@@ -213,7 +214,17 @@ def main(argv=None) -> None:
         from search.bench_data import main as data_main
 
         return data_main([a for a in argv if a != "--data-scale"])
+    if "--samplers" in argv:  # its own benchmark and flags
+        from search.bench_samplers import main as samplers_main
+
+        return samplers_main([a for a in argv if a != "--samplers"])
+    if "--asha-yield" in argv:  # ASHA's yield over repeated seeds: its own module and flags
+        from search.bench_asha import main as asha_yield
+
+        return asha_yield([a for a in argv if a != "--asha-yield"])
     p = ArgumentParser(prog="search.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--asha-yield", action="store_true",
+                   help="instead: ASHA's yield repeated over seeds (python -m search.bench --asha-yield --help)")
     p.add_argument("--quick", action="store_true", help="smaller K, N and epochs (about 10 minutes on 2 cores)")
     p.add_argument("--data", type=Path, default=None, help="dataset (default: the built-in synthetic set)")
     p.add_argument("--out", type=Path, default=Path("results/bench"))

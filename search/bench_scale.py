@@ -265,6 +265,7 @@ def instrument(timers: Timers, writes: list) -> None:
     from ray.tune.search import ConcurrencyLimiter
 
     from search import callbacks
+    from search.studysearch import StudyCallback
 
     def record_write(rows, path):
         writes.append(Path(path).stat().st_size)
@@ -272,6 +273,8 @@ def instrument(timers: Timers, writes: list) -> None:
     timers.wrap(callbacks, "write_table", "trials.csv writes", after=record_write)
     timers.wrap(callbacks.TrialsTableCallback, "_write", "TrialsTableCallback (rows + write)")
     timers.wrap(callbacks.LiveViewCallback, "_show", "live view lines")
+    timers.wrap(StudyCallback, "on_trial_result", "study: record an epoch")
+    timers.wrap(StudyCallback, "_end", "study: record a trial's end")
     timers.wrap(ConcurrencyLimiter, "suggest", "searcher suggest", keep=True)
     timers.wrap(ConcurrencyLimiter, "on_trial_complete", "searcher on_trial_complete")
     timers.wrap(ConcurrencyLimiter, "on_trial_result", "searcher on_trial_result")
@@ -282,7 +285,7 @@ def instrument(timers: Timers, writes: list) -> None:
 def run_sweep(n: int, address: str, gpus: int, out: Path, epoch_s: float, epochs: int, grace: int, reduction: float,
               checkpoint_kb: int, temp_dir: Path, max_s: float | None = None) -> dict:
     """One simulated sweep of ``n`` trials through ``search.run``'s driver code; its measurements."""
-    from search import cluster, rundir
+    from search import cluster, rundir, study
     from search.cli import build_parser, settings_from_args
     from search.run import fit, place_trials
     from search.trials import read_table
@@ -294,11 +297,18 @@ def run_sweep(n: int, address: str, gpus: int, out: Path, epoch_s: float, epochs
     cluster.use_auth_token(settings)
     run_dir = settings.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    # the sweep's study in run_dir/study.db, as search.run keeps it: the sampler learns from the trials
+    # StudyCallback records there (without it nothing would ever tell the study a trial ended)
+    (run_dir / rundir.STUDY_DB).unlink(missing_ok=True)  # an earlier bench's, with --out reused
+    study_url = study.sweep_url(settings)
+    study.check_study(study_url, settings.name, resume=False)
+    study.register_url(settings.name, study_url)
     cluster.route_ray_logs(run_dir / rundir.RAY_LOG, False)
     with contextlib.redirect_stdout(open(run_dir / "driver.txt", "w")):
         cluster.start_ray(settings)
         slots = place_trials(settings, base)
-    rundir.write_sweep_json(run_dir, settings, space, base, notes=notes, sampler=sampler_settings(settings), argv=argv)
+    rundir.write_sweep_json(run_dir, settings, space, base, notes=notes, sampler=sampler_settings(settings), argv=argv,
+                            study=study.study_record(settings, study_url))
     code = trial_code(epoch_s, space.resize_choices, checkpoint_kb)
     data = {}  # the simulated trials read no data
     timers, writes = Timers(), []
@@ -313,7 +323,7 @@ def run_sweep(n: int, address: str, gpus: int, out: Path, epoch_s: float, epochs
         cap.start()
     try:
         with PeakRss() as rss, open(run_dir / "live.txt", "w") as live, contextlib.redirect_stdout(live):
-            fit(settings, space, base, data, None, slots, restore=False, code=code)
+            fit(settings, space, base, data, None, slots, restore=False, study_url=study_url, code=code)
     finally:
         timers.restore()
         if cap:
@@ -370,11 +380,15 @@ def _busy_between(timed, start: float, end: float) -> float:
 
 
 def report_and_importance(run_dir: Path, space) -> dict:
-    from search.report import build_report, importances, rebuild_study
-    from search.trials import read_table
+    """The report's cost on a run folder, and its importances' alone (on the sweep's study, as the report reads it)."""
+    from search.report import build_report, importances
+    from search.rundir import read_sweep_json
+    from search.study import load_run_study
 
     t0 = time.perf_counter()
-    study = rebuild_study(read_table(run_dir), space)
+    study, why_not = load_run_study(run_dir, read_sweep_json(run_dir))
+    if study is None:
+        raise SystemExit(f"search.bench --scale --report-only: {why_not}")
     importances(study)
     importance_s = time.perf_counter() - t0
     cpu0, t0 = cpu_s(), time.perf_counter()
@@ -385,13 +399,15 @@ def report_and_importance(run_dir: Path, space) -> dict:
 
 def synthetic_run_dir(n: int, out: Path, slots: int = 64, epoch_s: float = 3.0, epochs: int = 20, seed: int = 0) -> Path:
     """A finished sweep's folder of ``n`` simulated trials without running one (for ``--report-only``):
-    ``sweep.json``, ``trials.csv`` and each trial's ``result.json``, as ``search.run`` writes them;
-    parameters random from the default space, ASHA's stops by rung (grace 2, factor 3)."""
+    ``sweep.json``, ``trials.csv``, each trial's ``result.json`` and the study in ``study.db``, as
+    ``search.run`` writes them (COMPLETED: COMPLETE, ASHA's stops: PRUNED, each epoch's best Dice an
+    intermediate value); parameters random from the default space, ASHA's stops by rung (grace 2, factor 3)."""
     import random
 
     import optuna
 
     from search import rundir
+    from search import study as studydb
     from search.cli import build_parser, settings_from_args
     from search.space import define_by_run
     from search.trials import COLUMNS, write_table
@@ -402,9 +418,11 @@ def synthetic_run_dir(n: int, out: Path, slots: int = 64, epoch_s: float = 3.0, 
     settings, space, base, notes = settings_from_args(build_parser().parse_args(argv))
     run_dir = settings.run_dir
     (run_dir / rundir.TUNE_DIR).mkdir(parents=True, exist_ok=True)
-    rundir.write_sweep_json(run_dir, settings, space, base, notes=notes, sampler={}, argv=argv)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    rng, free_at, rows = random.Random(seed), [0.0] * slots, []
+    url = studydb.sweep_url(settings)
+    rundir.write_sweep_json(run_dir, settings, space, base, notes=notes, sampler={}, argv=argv,
+                            study=studydb.study_record(settings, url))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))  # proposes; the trials go to study.db
+    rng, free_at, rows, frozen = random.Random(seed), [0.0] * slots, [], []
     rungs = [2, 6, 18]
     for i in range(n):
         trial = study.ask()
@@ -413,11 +431,11 @@ def synthetic_run_dir(n: int, out: Path, slots: int = 64, epoch_s: float = 3.0, 
         run = epochs if rng.random() < 0.04 else next((r for r in rungs if rng.random() < 2 / 3), epochs)
         slot = min(range(slots), key=free_at.__getitem__)
         start = 1.7e9 + free_at[slot]
-        lines, best, t = [], 0.0, start
+        lines, best, t, steps = [], 0.0, start, {}
         for epoch in range(1, run + 1):
             t += epoch_sleep_s(params, i, epoch, epoch_s, space.resize_choices)
             dice = simulated_dice(params, i, epoch)
-            best = max(best, dice)
+            best = steps[epoch] = max(best, dice)
             lines.append(json.dumps({"epoch": epoch, "val_dice": dice, "best_val_dice": best, "timestamp": t, "trial_index": i}))
         free_at[slot] = t - 1.7e9
         trial_dir = f"trial_{i:03d}_{i:08x}"
@@ -428,7 +446,13 @@ def synthetic_run_dir(n: int, out: Path, slots: int = 64, epoch_s: float = 3.0, 
                      "num_failures": 0, "node_id": f"node{slot // 8}", "gpu_ids": str(slot % 8), "start_ts": start,
                      "end_ts": t, "wall_time_s": t - start, "trial_dir": trial_dir, "params_m": 14.33,
                      "gflops": 21.7 * (params["resize_px"] / 256) ** 2, "train_images_per_s": 50.0})
+        state = optuna.trial.TrialState.COMPLETE if run == epochs else optuna.trial.TrialState.PRUNED
+        frozen.append(optuna.trial.create_trial(state=state, params=params, distributions=trial.distributions,
+                                                value=best, intermediate_values=steps,
+                                                user_attrs={studydb.TUNE_ID_ATTR: f"{i:08x}", "trial_name": f"trial_{i:03d}"}))
         study.tell(trial, best)
+    stored = optuna.create_study(study_name=settings.name, storage=studydb.open_storage(url), direction="maximize")
+    stored.add_trials(frozen)  # one transaction per trial
     write_table(rows, run_dir / rundir.TRIALS_CSV)
     return run_dir
 
@@ -445,16 +469,19 @@ def searcher_rate(n: int, slots: int) -> dict:
 
     settings, space, _, _ = settings_from_args(build_parser().parse_args(["--num-samples", str(n), "--encoder-weights", "none"]))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    searcher = make_searcher(settings, space, slots)
+    searcher = make_searcher(settings, space, slots)  # in memory: the database's cost is StudyCallback's, in run_sweep
     searcher.set_search_properties(METRIC, "max", {})
+    study = searcher.searcher._ot_study
     rng, live, times = random.Random(0), [], []
     for i in range(n):
         t0 = time.process_time()  # CPU time: the machine may be shared
         searcher.suggest(f"t{i}")
         times.append(time.process_time() - t0)
         live.append(f"t{i}")
-        if len(live) >= slots:
-            searcher.on_trial_complete(live.pop(rng.randrange(len(live))), {METRIC: rng.random(), "epoch": 2})
+        if len(live) >= slots:  # a trial ends: told to the study as StudyCallback tells it in a sweep
+            done, value = live.pop(rng.randrange(len(live))), rng.random()
+            study.tell(searcher.searcher._ot_trials[done], value)
+            searcher.on_trial_complete(done, {METRIC: value, "epoch": 2})
     tenth = max(1, n // 10)
     return {"first_ms": 1000 * statistics.fmean(times[:tenth]), "last_ms": 1000 * statistics.fmean(times[-tenth:]),
             "per_s": n / sum(times)}
@@ -473,7 +500,8 @@ def print_sweep(r: dict, epoch_s: float, nodes: int) -> None:
           f"Tune's loop (the main thread) {r['main_thread_ms_per_result']:.2f} ms, Ray's own threads the rest")
     print("    of which (main-thread CPU ms per result, inclusive): " + ", ".join(
         f"{label} {ms(label):.2f}" for label in ("Tune: process a result (scheduler, callbacks, searcher)", "experiment-state snapshots",
-                                                  "TrialsTableCallback (rows + write)", "searcher suggest", "live view lines")))
+                                                  "TrialsTableCallback (rows + write)", "study: record an epoch",
+                                                  "study: record a trial's end", "searcher suggest", "live view lines")))
     print(f"  wall {r['wall_s']:.0f} s vs ideal {r['ideal_s']:.0f} s (sum of sleeps {r['sum_sleep_s']:.0f} s / {r['slots']} slots): "
           f"x{r['wall_s'] / r['ideal_s']:.2f}; slot utilisation {100 * r['utilisation']:.1f} % "
           f"(steady state {100 * r['steady_utilisation']:.1f} %)   [target >= 95 % at N=2000]")

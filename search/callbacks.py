@@ -175,3 +175,63 @@ class LiveViewCallback(Callback):
             self._show(trial, interrupted=True)
         if stopped:
             self.print_fn(self.progress.header())
+
+
+class MLflowCallback(Callback):
+    """Every trial as an MLflow run nested under the sweep's parent run (``search.tracking``).
+
+    Runs in the driver; a logging failure (e.g. the tracking server went away) is one warning line
+    and the sweep goes on without it.
+    """
+
+    def __init__(self, info: dict, max_epochs: int):
+        from search.tracking import TrialRuns
+
+        self._args = (info, max_epochs)
+        self.max_epochs = max_epochs
+        self.runs = TrialRuns(info)
+        self._live: set[str] = set()
+        self._broken = False
+
+    def __getstate__(self):  # Tune pickles callbacks with the experiment (and restores them on --resume)
+        return {"args": self._args}
+
+    def __setstate__(self, state):
+        self.__init__(*state["args"])
+
+    def _safely(self, fn, *args) -> None:
+        if self._broken:
+            return
+        try:
+            fn(*args)
+        except Exception as err:  # noqa: BLE001 - tracking must never stop the sweep
+            self._broken = True
+            import sys
+
+            from search.tracking import first_line
+
+            print(f"warning: MLflow logging stopped ({first_line(err)}); the sweep goes on, trials.csv has every result",
+                  file=sys.stderr)
+
+    def _end(self, trial, **row_args) -> None:
+        row = trial_row(trial, self.max_epochs, None, **row_args)
+        self._live.discard(trial.trial_id)
+        self._safely(self.runs.end, trial.trial_id, row["status"], row.get("failure_reason") or "")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._live.add(trial.trial_id)
+        self._safely(self.runs.start, trial.trial_id, str(trial), dict(trial.config or {}))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._safely(self.runs.epoch, trial.trial_id, str(trial), dict(trial.config or {}), result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, tune_status="TERMINATED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, tune_status="ERROR")
+
+    def on_experiment_end(self, trials, **info):
+        for trial in trials:
+            if trial.trial_id in self._live:
+                self._end(trial, interrupted=True)

@@ -1,23 +1,44 @@
-"""A finished trial's checkpoints are deleted as soon as it finishes (a Ray Tune callback on the driver).
+"""Trial checkpoints on the sweep's storage: mended on ``--resume``, deleted once a trial is finished.
 
-A trial's checkpoint (its resumable state: model, AdamW moments, best weights; about 165 MB for
-UNet-ResNet18) exists to continue the trial after a crash or an interrupted sweep. Once the trial
-has finished (it ran its epochs, ASHA stopped it, or it failed with a recorded reason) nothing
-reads it again: ``--resume`` restarts only unfinished trials, and the retrain trains the best
+Tune keeps the latest two checkpoints of a trial (``CheckpointConfig(num_to_keep=2)``, see
+``search.tuner``; with 1 it snapshots the whole experiment after every checkpoint). A trial's
+checkpoint (its resumable state: model, AdamW moments, best weights; about 165 MB for
+UNet-ResNet18) exists to continue the trial after a crash or an interrupted sweep. Two Ray Tune
+callbacks on the driver look after them; ``search.tuner.make_tuner`` registers both.
+
+``ContinueFromSavedCheckpoint``: when a trial reports a checkpoint beyond the two kept, Tune
+registers it and deletes the oldest at once, and writes the experiment snapshot that names the
+newer ones later (snapshots are spaced out; with 2 kept, about once per epoch-time of the sweep).
+A driver killed in between (SIGKILL, a lost ssh session, the OOM killer) can leave a snapshot that
+names a deleted checkpoint; Tune's restore then fails that trial ("Could not recover from
+checkpoint as it does not exist on storage anymore") on every retry, and a trial that was nearly
+done ends ``ERROR``. This callback mends that before Tune starts the restored trials: such a trial
+continues from the oldest checkpoint beside the named one with a higher index. That one had been
+registered (a checkpoint is deleted only once two newer ones are), so it was complete; a still
+newer one may have been cut off mid-upload by the kill. The trial's next checkpoint is numbered
+after every folder there.
+
+``DeleteFinishedCheckpoints``: once a trial has finished (it ran its epochs, ASHA stopped it, or it
+failed with a recorded reason) nothing reads its checkpoints again: ``--resume`` restarts only
+unfinished trials (the mending above skips finished ones), and the retrain trains the best
 configuration from scratch. Kept, they would grow with the sweep (2,000 trials x 165 MB = 330 GB);
-deleted, the sweep holds checkpoints only for the trials running now. Trials that end in ``ERROR``
-(crashed more than ``--max-failures`` times) keep theirs, for a look at what they had reached.
-
-A data-parallel trial's checkpoints are Ray Train's, in the trial's ``train/`` folder; they go too.
-Deletion uses the checkpoint's own pyarrow filesystem (the storage's), so a URI storage (``s3://``,
-``gs://``) is cleaned like a local folder, in one background thread, so a slow object store never
-holds up the driver's loop; the end of the experiment waits for it.
+deleted, the sweep holds checkpoints only for the trials running now. They go after Tune's next
+experiment snapshot records the trial finished, never before, so a resumed driver never restarts a
+trial whose checkpoints are gone. Trials that end in ``ERROR`` (crashed more than
+``--max-failures`` times) keep theirs, for a look at what they had reached; ``--keep-checkpoints``
+keeps everything. A data-parallel trial's checkpoints are Ray Train's, in the trial's ``train/``
+folder; they go too. Deletion uses the checkpoint's own pyarrow filesystem (the storage's), so a
+URI storage (``s3://``, ``gs://``) is cleaned like a local folder, in one background thread, so a
+slow object store never holds up the driver's loop; the end of the experiment waits for it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
+import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from ray.tune import Callback
@@ -25,7 +46,116 @@ from ray.tune import Callback
 from search.trainable import TRAIN_DIR
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_PREFIX = "checkpoint_"  # Tune's checkpoint folders in a trial's folder
+CHECKPOINT_PREFIX = "checkpoint_"  # Tune's checkpoint folders in a trial's folder (and partial ones)
+CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)$")  # a complete name: its index
+RESULT_FILE = "result.json"  # Tune's per-trial results, one JSON line per report
+
+
+# ----------------------------------------------------------------------------- --resume: a named checkpoint gone
+
+
+def checkpoint_index(path: str) -> int | None:
+    """The index in a ``checkpoint_000007`` folder's name (None: not a checkpoint folder)."""
+    match = CHECKPOINT_NAME.match(posixpath.basename(path.rstrip("/")))
+    return int(match.group(1)) if match else None
+
+
+def saved_checkpoints(filesystem, trial_path: str) -> list[tuple[int, str]]:
+    """(index, path) of the checkpoint folders in a trial's folder on ``filesystem``, oldest first."""
+    from pyarrow.fs import FileSelector, FileType
+
+    found = []
+    for entry in filesystem.get_file_info(FileSelector(trial_path, allow_not_found=True)):
+        index = checkpoint_index(entry.path)
+        if entry.type == FileType.Directory and index is not None:
+            found.append((index, entry.path))
+    return sorted(found)
+
+
+def reported_metrics(filesystem, trial_path: str, checkpoint_name: str) -> dict:
+    """The result the trial reported with ``checkpoint_name`` (its result.json line), or {}."""
+    try:
+        with filesystem.open_input_stream(posixpath.join(trial_path, RESULT_FILE)) as stream:
+            lines = stream.readall().decode(errors="replace").splitlines()
+    except (OSError, FileNotFoundError):
+        return {}
+    for line in reversed(lines):
+        try:
+            result = json.loads(line)
+        except ValueError:  # a line cut off by the kill
+            continue
+        if result.get("checkpoint_dir_name") == checkpoint_name:
+            return result
+    return {}
+
+
+def continue_from_saved_checkpoint(trial) -> tuple[str, str] | None:
+    """Point a restored Tune trial whose checkpoint is gone at the next one on storage.
+
+    Returns the (missing, used) folder names, or None when nothing needed mending (or nothing could).
+    Ray has no public way to do this; the fields set are those ``Trial.on_checkpoint`` sets.
+    """
+    from pyarrow.fs import FileType
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import Checkpoint
+
+    latest = trial.latest_checkpoint_result
+    if latest is None or latest.checkpoint is None:
+        return None
+    filesystem, missing = latest.checkpoint.filesystem, latest.checkpoint.path.rstrip("/")
+    missing_index = checkpoint_index(missing)
+    if missing_index is None or filesystem.get_file_info(missing).type != FileType.NotFound:
+        return None
+    trial_path = posixpath.dirname(missing)
+    saved = saved_checkpoints(filesystem, trial_path)
+    newer = [path for index, path in saved if index > missing_index]
+    if not newer:
+        return None
+    name = posixpath.basename(newer[0])
+    mended = _TrainingResult(checkpoint=Checkpoint(newer[0], filesystem),
+                             metrics=reported_metrics(filesystem, trial_path, name))
+    manager = trial.run_metadata.checkpoint_manager
+    manager._checkpoint_results = [mended]
+    manager._latest_checkpoint_result = mended
+    # the index of the last checkpoint written: the trial's next one goes after every folder there
+    trial.storage.current_checkpoint_index = saved[-1][0]
+    trial.invalidate_json_state()
+    trial.run_metadata.invalidate_cache()
+    return posixpath.basename(missing), name
+
+
+class ContinueFromSavedCheckpoint(Callback):
+    """On the first step of a (resumed) experiment, before any trial is restored, mends the trials
+    whose snapshot names a checkpoint that was deleted after the snapshot was taken."""
+
+    def __init__(self):
+        self._checked = False
+
+    def __getstate__(self):  # Tune pickles callbacks with each snapshot: every driver checks once
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self._checked:
+            return
+        self._checked = True
+        for trial in trials:
+            if trial.status in ("TERMINATED", "ERROR"):
+                continue
+            try:
+                mended = continue_from_saved_checkpoint(trial)
+            except Exception as err:  # noqa: BLE001 - a storage hiccup here must not stop the resume
+                print(f"{trial}: could not check its saved checkpoint ({type(err).__name__}: {err}); "
+                      "Tune restores it as saved", file=sys.stderr)
+                continue
+            if mended is not None:
+                print(f"{trial}: its saved {mended[0]} was replaced just before the driver stopped; "
+                      f"it continues from {mended[1]}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- finished trials: checkpoints deleted
 
 
 def delete_trial_checkpoints(filesystem, trial_path: str) -> int:

@@ -21,15 +21,17 @@ from tumorseg.config import TrainConfig, field_names
 from tumorseg.data import DataOptions, add_data_arguments
 from tumorseg.errors import ConfigError
 
-from search.rundir import RAY_LOG, SweepSettings
+from search.rundir import FINAL_EPOCHS_FACTOR, RAY_LOG, SweepSettings
 from search.space import OPTIONAL_NAMES, PARAM_NAMES, PARAMS, SearchSpace, define_by_run, fit_to_budget, read_space_file
+from search.study import normalise
+from search.tuner import RUNG_METRICS, SAMPLERS
 
 # TrainConfig fields with a sweep-specific meaning, defined by hand below
 SWEEP_OWNED_FIELDS = ("epochs", "seed", "num_workers")
 # flags that may differ on --resume (they change how the driver runs, not what the sweep is);
 # RESUMED_SETTINGS are the SweepSettings fields such a flag sets on the saved sweep
 RESUMED_SETTINGS = ("dashboard", "dashboard_host", "dashboard_port", "ray_temp_dir", "no_retrain", "retrain_seeds",
-                    "cache_dir", "verbose")
+                    "cache_dir", "verbose", "study_storage", "final_epochs")
 RESUMABLE_FLAGS = {"name", "storage", "resume", "address", *RESUMED_SETTINGS}
 # tumorseg.data.add_data_arguments' flags (their values live in SweepSettings.data_options)
 DATA_FLAGS = {"layout", "labels", "split", "split_seed", "group_by", "splits", "allow_unlabelled"}
@@ -50,6 +52,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--verbose", action="store_true",
                    help=f"show Ray's own output (status boxes, warnings, worker logs) here too, not only in NAME/{RAY_LOG}")
     g.add_argument("--cache-dir", default=None, help="array cache (default: $TUMORSEG_CACHE_DIR or ~/.cache/tumorseg)")
+    g.add_argument("--mlflow", default=None, metavar="URI",
+                   help="log every trial to MLflow: a folder (an SQLite store in it) or a tracking URI (pip install -e '.[mlflow]')")
     add_data_arguments(p)
     r = p.add_argument_group("resources")
     r.add_argument("--gpus", type=float, default=0, help="GPUs the search may use in total (logical GPUs where fewer exist)")
@@ -71,11 +75,24 @@ def build_parser() -> ArgumentParser:
                    help="start the next trial in a finished trial's process (saves Python and torch start-up)")
     t = p.add_argument_group("search and scheduling")
     t.add_argument("--num-samples", type=int, default=16, help="trials to run (the seed recipe is the first)")
-    t.add_argument("--epochs", type=int, default=TrainConfig().epochs, help="epoch budget of a trial (ASHA max_t) and of the retrain")
-    t.add_argument("--grace-period", type=int, default=2, help="ASHA: epochs before a trial may be stopped")
-    t.add_argument("--reduction-factor", type=float, default=3, help="ASHA: keep 1/this of trials at each rung")
+    t.add_argument("--epochs", type=int, default=TrainConfig().epochs, help="epoch budget of a trial (ASHA max_t)")
+    t.add_argument("--final-epochs", type=int, default=None,
+                   help=f"epoch budget of each final retrain run (default: {FINAL_EPOCHS_FACTOR} x --epochs: trials rank, the final training delivers)")
+    t.add_argument("--grace-period", type=int, default=SweepSettings.grace_period,
+                   help=f"ASHA: epochs before a trial may be stopped (default {SweepSettings.grace_period})")
+    t.add_argument("--reduction-factor", type=float, default=SweepSettings.reduction_factor,
+                   help=f"ASHA: keep 1/this of trials at each rung (default {SweepSettings.reduction_factor:g})")
+    t.add_argument("--rung-metric", choices=RUNG_METRICS, default=SweepSettings.rung_metric,
+                   help="ASHA compares trials at a rung by this epoch's validation Dice (val_dice, default: measured "
+                        "best, README Benchmarks) or by the best so far (best_val_dice)")
     t.add_argument("--max-failures", type=int, default=2, help="retries of a crashing trial (from its checkpoint)")
-    t.add_argument("--retrain-seeds", type=int, default=1, help="seeds for retraining the best config and the seed recipe")
+    t.add_argument("--sampler", choices=SAMPLERS, default="tpe",
+                   help="Optuna sampler: tpe (default), gp (Gaussian process, small budgets), random, qmc (Sobol)")
+    t.add_argument("--study-storage", default=None, metavar="URL",
+                   help="the Optuna study's database, any SQLAlchemy URL, e.g. postgresql://user@host/db "
+                        "(default: sqlite:///STORAGE/NAME/study.db; the password is never saved)")
+    t.add_argument("--retrain-seeds", type=int, default=1,
+                   help="seeds for retraining the best config and the seed recipe; K > 1 ships an ensemble of K")
     t.add_argument("--no-retrain", action="store_true", help="stop after the sweep (run search.retrain later)")
     sp = p.add_argument_group("search space (see search/space.py)")
     sp.add_argument("--space", type=Path, default=None, help="JSON/YAML file of search-space overrides")
@@ -231,7 +248,7 @@ def check_counts(args) -> float:
         raise ConfigError("--gpus-per-trial 0 with --gpus > 0 would leave the GPUs idle")
     if args.grace_period > args.epochs and not args.debug:  # no ASHA in debug mode
         raise ConfigError(f"--epochs {args.epochs} is smaller than the ASHA --grace-period {args.grace_period}")
-    for flag in ("cpus_per_trial", "num_workers"):
+    for flag in ("cpus_per_trial", "num_workers", "final_epochs"):
         if getattr(args, flag) is not None:
             _positive("--" + flag.replace("_", "-"), getattr(args, flag), allow_zero=flag == "num_workers")
     if args.name is not None and (not args.name or "/" in args.name or args.name.startswith(".")):
@@ -288,9 +305,11 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict, list[str
         epochs=args.epochs,
         grace_period=args.grace_period,
         reduction_factor=args.reduction_factor,
+        rung_metric=args.rung_metric,
         max_failures=args.max_failures,
         seed=args.seed,
         retrain_seeds=args.retrain_seeds,
+        final_epochs=args.final_epochs,
         address=args.address or os.environ.get("RAY_ADDRESS") or None,
         dashboard=args.dashboard,
         dashboard_host=args.dashboard_host,
@@ -303,7 +322,14 @@ def settings_from_args(args) -> tuple[SweepSettings, SearchSpace, dict, list[str
         data_path=args.data_path,
         no_retrain=args.no_retrain,
         verbose=args.verbose,
+        sampler=args.sampler,
+        study_storage=normalise(args.study_storage) if args.study_storage else None,
+        mlflow=args.mlflow,
     )
+    if args.mlflow:
+        from search.tracking import require_mlflow
+
+        require_mlflow()
     check_models(space)
     base = {**base_config(args), **space.fixed_params()}
     TrainConfig.from_dict(base)

@@ -101,6 +101,12 @@ def closing_block(run_dir: Path, name: str, storage: str, best: dict | None, sum
         values = "  ".join(f"{k} {metrics[k]['mean']:.4f}" + (f" +- {metrics[k]['std']:.4f}" if seeds > 1 else "")
                            for k in ("dice", "f1", "precision", "recall"))
         lines.append(f"  test ({recipe}, {seeds} seed{'s' if seeds > 1 else ''})  {values}")
+        shipped = summary.get("final_model")
+        if shipped:
+            members = len(shipped["members"])
+            what = f"ensemble of {members} + post-processing" if members > 1 else "+ post-processing"
+            lines.append(f"  shipped      {what} ({test.get('postprocess_describe', '?')}): test dice "
+                         f"{shipped['test']['dice']:.4f}  {run_dir / FINAL_DIR / shipped['postprocess']}")
     model = run_dir / FINAL_DIR / "model.pt"
     if model.is_file():
         lines.append(f"  model        {model}")
@@ -108,8 +114,12 @@ def closing_block(run_dir: Path, name: str, storage: str, best: dict | None, sum
     if report is not None:
         lines.append(f"  report       {report}")
     lines.append("next:")
-    if model.is_file():
-        lines.append(f"  predict      python -m tumorseg.predict {shlex.quote(str(model))} IMAGE.jpg --out predictions/")
+    shipped_dir = run_dir / FINAL_DIR / "model"  # the ensemble + post-processing that test scored
+    if shipped_dir.is_dir() or model.is_file():
+        source = shlex.quote(str(run_dir if shipped_dir.is_dir() else model))
+        lines.append(f"  predict      python -m tumorseg.predict {source} IMAGES_OR_FOLDER --out predictions/")
+    if shipped_dir.is_dir():
+        lines.append(f"  export       python -m tumorseg.export {shlex.quote(str(run_dir))}   (ONNX + model card; needs .[onnx])")
     lines.append(f"  report       python -m search.report {shlex.quote(str(run_dir))}")
     lines.append(f"  resume       python -m search.run --name {shlex.quote(name)} --storage {shlex.quote(storage)} --resume")
     return "\n".join(lines)

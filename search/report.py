@@ -2,10 +2,14 @@
 
     python -m search.report RUN_DIR        # writes RUN_DIR/report.html
 
+    python -m search.report RUN_DIR --study-storage URL   # a study whose URL needs its password
+
 Built only from the run's own plain files (``sweep.json``, ``trials.csv``, each trial's
-``result.json`` lines, ``final/metrics.json`` and its PNGs): nothing in the results folder is
-unpickled or executed. Works on finished, interrupted and still-running sweeps; sections whose
-inputs do not exist yet say so.
+``result.json`` lines, ``final/metrics.json`` and its PNGs) and its Optuna study (``study.db`` or
+``--study-storage``), read through Optuna: nothing in the results folder is unpickled or executed.
+Works on finished, interrupted and still-running sweeps; sections whose inputs do not exist yet
+say so. A run folder made before sweeps kept their study (no ``study.db``) gets no importances
+or Optuna plots, with a note that says why; everything else is shown.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import math
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -24,8 +29,9 @@ import pandas as pd
 from tumorseg.cli import ArgumentParser, exit_on_user_error
 from tumorseg.errors import UserError
 
+from search.report_final import final_table_html, postprocess_html
 from search.rundir import BEST_CONFIG_JSON, DATA_SUMMARY_TXT, FINAL_DIR, REPORT_HTML, TUNE_DIR, read_sweep_json
-from search.space import SearchSpace, applicable_params, distributions
+from search.study import load_run_study
 from search.trials import model_label, pareto_front, read_table, scored_trials
 
 MIN_TRIALS_FOR_IMPORTANCE = 10  # below this the importances are shown with a warning
@@ -37,7 +43,8 @@ STATUS_COLOURS = {
     "COMPLETED": "#2ca02c", "STOPPED_EARLY": "#1f77b4", "FAILED": "#d62728", "ERROR": "#7f0000",
     "RUNNING": "#ff7f0e", "PENDING": "#999999", "PAUSED": "#bcbd22",
 }
-REPORT_METRICS = ("dice", "iou", "f1", "precision", "recall", "dice_loss")
+STUDY_STATE_WORDS = {"PRUNED": "PRUNED (stopped by ASHA)", "FAIL": "FAIL (failed or crashed)", "RUNNING": "RUNNING",
+                     "WAITING": "WAITING (queued points)"}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -67,48 +74,33 @@ def load_curves(run_dir: Path, table: pd.DataFrame | None) -> dict[str, dict[str
     return curves
 
 
-def rebuild_study(table: pd.DataFrame | None, space: SearchSpace):
-    """An Optuna study with one COMPLETE trial per scored Tune trial (value = best val Dice).
-
-    ASHA-stopped trials enter with the best Dice they reached: the study answers "which
-    parameters went with good validation Dice in this sweep", which is what the search used.
-    """
+def complete_trials(study) -> list:
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize")
-    for row in scored_trials(table).to_dict("records"):
-        params = applicable_params(row)
-        study.add_trial(
-            optuna.trial.create_trial(
-                params=params,
-                distributions=distributions(space, params),
-                value=float(row["best_val_dice"]),
-                user_attrs={"tune_trial_id": row["trial_id"], "status": row["status"]},
-            )
-        )
-    return study
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
 def best_trials_study(study, k: int):
-    """``study`` itself, or a study of its ``k`` best trials when it has more."""
+    """``study`` itself, or an in-memory study of its ``k`` best COMPLETE trials when it has more."""
     import optuna
 
-    if len(study.trials) <= k:
+    complete = complete_trials(study)
+    if len(complete) <= k:
         return study
     best = optuna.create_study(direction="maximize")
-    best.add_trials(sorted(study.trials, key=lambda t: -t.value)[:k])
+    best.add_trials(sorted(complete, key=lambda t: -t.value)[:k])
     return best
 
 
 def common_params(study) -> list[str]:
-    """Parameters every trial of ``study`` has (conditional ones drop out unless always sampled)."""
-    names = [set(t.params) for t in study.trials]
+    """Parameters every COMPLETE trial of ``study`` has (conditional ones drop out unless always sampled)."""
+    names = [set(t.params) for t in complete_trials(study)]
     return sorted(set.intersection(*names)) if names else []
 
 
 def importances(study) -> dict[str, dict[str, float]]:
-    """fANOVA (seeded) and PED-ANOVA importances of the parameters every trial has."""
+    """fANOVA (seeded) and PED-ANOVA importances of the parameters every COMPLETE trial has
+    (Optuna's evaluators read COMPLETE trials only)."""
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
 
@@ -116,7 +108,7 @@ def importances(study) -> dict[str, dict[str, float]]:
     out = {}
     # fANOVA's forest grows with the trials: 166 s at 2,000 trials on 2 cores, 14 s with trees of depth
     # <= 8 (the same ranking); Optuna's defaults up to FANOVA_FULL_DEPTH_TRIALS
-    depth = {} if len(study.trials) <= FANOVA_FULL_DEPTH_TRIALS else {"max_depth": FANOVA_MAX_DEPTH}
+    depth = {} if len(complete_trials(study)) <= FANOVA_FULL_DEPTH_TRIALS else {"max_depth": FANOVA_MAX_DEPTH}
     evaluators = {"fANOVA": FanovaImportanceEvaluator(seed=0, **depth), "PED-ANOVA": PedAnovaImportanceEvaluator()}
     for name, evaluator in evaluators.items():
         with warnings.catch_warnings():
@@ -301,13 +293,6 @@ def _fmt(value, digits: int = 4) -> str:
     return html.escape(str(value))
 
 
-def _mean_std(entry: dict | None, seeds: int) -> str:
-    """Mean and spread over seeds; one seed has no spread to show."""
-    if not entry:
-        return "-"
-    return f"{entry['mean']:.4f} &plusmn; {entry['std']:.4f}" if seeds > 1 else f"{entry['mean']:.4f}"
-
-
 def docstring_html(text: str) -> str:
     """A module docstring as HTML text: paragraphs, ``- `` bullet lists, ````code```` and ``**bold**``."""
     import re
@@ -343,18 +328,6 @@ def headline_html(final: dict | None, best: dict | None) -> str:
         parts.append("<p class='warn'>No final model yet (the sweep is running, was interrupted, or ran with "
                      "--no-retrain): run <code>python -m search.retrain RUN_DIR</code>.</p>")
     else:
-        rows = []
-        for recipe, label in (("best", "best configuration, retrained"), ("seed_recipe", "seed recipe, retrained")):
-            if recipe in final:
-                t = final[recipe]["test"]
-                seeds = len(final[recipe]["seeds"])
-                rows.append(f"<tr><th>{label} ({seeds} seed{'s' if seeds > 1 else ''}, {final[recipe]['resize_px']} px)</th>"
-                            + "".join(f"<td>{_mean_std(t.get(m), seeds)}</td>" for m in REPORT_METRICS) + "</tr>")
-        s = final.get("seed_reported_test")  # only when the data is the Kaggle dataset
-        if s:
-            rows.append("<tr><th>seed run as originally reported (measured on Kaggle's own test split at 256 px)</th>"
-                        f"<td>-</td><td>-</td><td>{s['f1']}</td><td>{s['precision']}</td><td>{s['recall']}</td>"
-                        f"<td>{s['dice_loss']}</td></tr>")
         dataset = final.get("dataset")
         if dataset:
             parts.append(f"<p>Data: <b>{html.escape(dataset['name'])}</b> ({html.escape(dataset['layout'])}, "
@@ -362,9 +335,7 @@ def headline_html(final: dict | None, best: dict | None) -> str:
                          f"at <code>{html.escape(dataset['path'])}</code>; splits "
                          + ", ".join(f"{k} {v}" for k, v in dataset["split_sizes"].items())
                          + (" (valid/test carved by case: splits.json)" if dataset["splits_from"] != "data" else "") + ".</p>")
-        parts.append("<p>Test metrics, each run scored once on the test split after selection on validation:</p>"
-                     "<table class='grid'><tr><th></th>" + "".join(f"<th>{m}</th>" for m in REPORT_METRICS) + "</tr>"
-                     + "".join(rows) + "</table>")
+        parts.append(final_table_html(final) + postprocess_html(final))
         for note in final.get("notes", []):
             parts.append(f"<p class='note'>Note: {html.escape(note)}</p>")
     parts.append("<details><summary>Metric definitions</summary>" + docstring_html(metrics_module.__doc__)
@@ -423,45 +394,49 @@ def _image_html(path: Path, caption: str) -> str:
 # ----------------------------------------------------------------------------- the report
 
 
-def build_report(run_dir: Path) -> Path:
-    """Write ``run_dir/report.html`` and return its path."""
+def build_report(run_dir: Path, study_url: str | None = None) -> Path:
+    """Write ``run_dir/report.html`` and return its path (``study_url``: where the study is, if not
+    where sweep.json says)."""
     import optuna.visualization as ov
     from plotly.offline import get_plotlyjs
 
     run_dir = Path(run_dir)
     sweep = read_sweep_json(run_dir)
-    space = SearchSpace.from_dict(sweep["space"])
     max_epochs = int(sweep["settings"]["epochs"])
     table = read_table(run_dir)
     final_path = run_dir / FINAL_DIR / "metrics.json"
     final = json.loads(final_path.read_text()) if final_path.is_file() else None
     best_path = run_dir / BEST_CONFIG_JSON
     best = json.loads(best_path.read_text()) if best_path.is_file() else None
-    scored = scored_trials(table)
     n_trials = 0 if table is None else len(table)
     sections = [headline_html(final, best)]
     data_summary = run_dir / DATA_SUMMARY_TXT
     if data_summary.is_file():
         sections.append("<h3>Data</h3><pre>" + html.escape(data_summary.read_text()) + "</pre>")
 
-    # 2-3: importance, history, parallel coordinates, slices (Optuna on the rebuilt study)
+    # 2-3: importance, history, parallel coordinates, slices (Optuna on the sweep's own study)
     sections.append("<h2>2. Parameter importance</h2>")
-    if len(scored) < 2:
-        sections.append(f"<p class='warn'>Not enough scored trials for importances ({len(scored)} of {n_trials}).</p>")
-        values = {}
+    study, why_not = load_run_study(run_dir, sweep, study_url)
+    complete = complete_trials(study) if study is not None else []
+    if study is None:
+        sections.append(f"<p class='warn'>No Optuna study: {html.escape(why_not)}.</p>")
+    elif len(complete) < 2:
+        sections.append(f"<p class='warn'>Not enough complete trials for importances ({len(complete)} of {n_trials} "
+                        "ran every epoch; Optuna's evaluators leave out pruned and failed trials).</p>")
     else:
-        study = rebuild_study(table, space)
         values = importances(study)
-        caveat = "" if len(scored) >= MIN_TRIALS_FOR_IMPORTANCE else (
-            f" <span class='warn'>Only {len(scored)} trials: too few to trust these importances "
+        caveat = "" if len(complete) >= MIN_TRIALS_FOR_IMPORTANCE else (
+            f" <span class='warn'>Only {len(complete)} trials: too few to trust these importances "
             f"(want at least {MIN_TRIALS_FOR_IMPORTANCE}).</span>")
+        others = Counter(t.state.name for t in study.get_trials(deepcopy=False) if t.state.name != "COMPLETE")
+        left_out = ", ".join(f"{n} {STUDY_STATE_WORDS.get(state, state)}" for state, n in sorted(others.items()))
         sections.append(
-            f"<p>Computed by Optuna's fANOVA and PED-ANOVA evaluators on a study rebuilt from "
-            f"<b>{len(scored)}</b> scored trials (value: each trial's best validation Dice; trials stopped by "
-            f"ASHA enter with the Dice they reached; failed trials are left out). Conditional parameters are "
-            f"excluded because not every trial has them."
+            f"<p>Computed by Optuna's fANOVA and PED-ANOVA evaluators on the sweep's study over its "
+            f"<b>{len(complete)}</b> COMPLETE trials (those that ran every epoch; value: best validation Dice). "
+            f"Optuna leaves out the others ({left_out or 'none'}); the learning curves below show every trial. "
+            f"Conditional parameters are excluded because not every trial has them."
             + (f" Above {FANOVA_FULL_DEPTH_TRIALS} trials fANOVA's trees stop at depth {FANOVA_MAX_DEPTH} (its cost grows "
-               "with the trials)." if len(study.trials) > FANOVA_FULL_DEPTH_TRIALS else "") + f"{caveat}</p>")
+               "with the trials)." if len(complete) > FANOVA_FULL_DEPTH_TRIALS else "") + f"{caveat}</p>")
         if any("error" not in v for v in values.values()):
             sections.append(_fig_html(importance_figure(values)))
         for name, scores in values.items():
@@ -469,13 +444,15 @@ def build_report(run_dir: Path) -> Path:
                 sections.append(f"<p class='warn'>{name}: {html.escape(scores['error'])}</p>")
             else:
                 sections.append(f"<p>{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + "</p>")
-        sections.append("<h2>3. The sweep at a glance</h2>")
+    if complete:
+        sections.append("<h2>3. The sweep at a glance</h2><p>Optuna's plots of the study's COMPLETE trials.</p>")
         sections.append(_fig_html(ov.plot_optimization_history(study, target_name="best val Dice")))
-        if len(study.trials) > PARALLEL_TRIALS:  # thousands of lines are one dark band: the best ones show the pattern
+        if len(complete) > PARALLEL_TRIALS:  # thousands of lines are one dark band: the best ones show the pattern
             sections.append(f"<p>Parallel coordinates: the {PARALLEL_TRIALS} trials with the best validation Dice.</p>")
         sections.append(_fig_html(ov.plot_parallel_coordinate(best_trials_study(study, PARALLEL_TRIALS), target_name="best val Dice")))
         sections.append("<p>Slice plots: each conditional parameter shows only the trials that sampled it.</p>")
-        sections.append(_fig_html(legible_slices(ov.plot_slice(study, target_name="best val Dice"), len(study.trials))))
+        numbers = len(study.get_trials(deepcopy=False))  # the slices' colour scale: trial numbers 0..N-1
+        sections.append(_fig_html(legible_slices(ov.plot_slice(study, target_name="best val Dice"), numbers)))
 
     # 4: learning curves
     sections.append("<h2>4. Learning curves</h2>")
@@ -501,7 +478,8 @@ def build_report(run_dir: Path) -> Path:
     sections.append("<h2>6. Predictions of the final model (test split)</h2>")
     overlays = [(run_dir / FINAL_DIR / f"overlay_{name}.png", f"{name} test image by Dice") for name in ("best", "median", "worst")]
     if all(path.is_file() for path, _ in overlays):
-        sections.append("<p>Green: true tumour box outline; red: predicted outline.</p><div class='overlays'>"
+        sections.append("<p>The shipped model's post-processed test predictions at native resolution. Green: true tumour "
+                        "outline; red: predicted outline.</p><div class='overlays'>"
                         + "".join(_image_html(p, c) for p, c in overlays) + "</div>")
     else:
         sections.append("<p class='warn'>No final model yet: the overlays appear after <code>search.retrain</code>.</p>")
@@ -542,11 +520,13 @@ Report written {time.strftime('%Y-%m-%d %H:%M:%S')} from {html.escape(str(run_di
 def main(argv=None) -> None:
     p = ArgumentParser(prog="search.report", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
+    p.add_argument("--study-storage", default=None, metavar="URL",
+                   help="the study's database URL with its password (default: the one in sweep.json)")
     args = p.parse_args(argv)
     with exit_on_user_error("search.report"):
         if not args.run_dir.is_dir():
             raise UserError(f"run folder not found: {args.run_dir}")
-        print(build_report(args.run_dir))  # without sweep.json: read_sweep_json's one-line error
+        print(build_report(args.run_dir, args.study_storage))  # without sweep.json: read_sweep_json's one-line error
 
 
 if __name__ == "__main__":

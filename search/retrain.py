@@ -1,14 +1,18 @@
-"""Retrain the best configuration and the seed recipe, then score each once on the test split.
+"""The final stage: retrain the best configuration and the seed recipe, ensemble, post-process, test.
 
-    python -m search.retrain RUN_DIR [--retrain-seeds K]
+    python -m search.retrain RUN_DIR [--retrain-seeds K] [--final-epochs N]
 
-Both recipes get the sweep's full epoch budget and the same seeds, each run is selected by
-validation Dice, and test is touched once per run at the end, so ``final/metrics.json`` shows the
-gain of the search honestly (mean and std over seeds). Where the search space excludes the seed
-recipe's resize (256), it takes the nearest allowed size and the outputs say so.
+Both recipes get the same final budget (``--final-epochs``, by default ``FINAL_EPOCHS_FACTOR`` x
+the trials' ``--epochs``: trials rank, the final training delivers) and the same seeds, each run is
+selected by validation Dice, and test is touched once per run at the end, so ``final/metrics.json``
+shows the gain of the search honestly. The K seeds of a recipe then form an ensemble (mean of
+probabilities) and post-processing is chosen on validation (``search.finalize``). Where the search
+space excludes the seed recipe's resize (256), it takes the nearest allowed size and the outputs say so.
 
-Each (recipe, seed) run lands in ``final/<recipe>/seed<k>/`` by an atomic rename when complete,
-so an interrupted retrain resumes with only the missing runs.
+Each (recipe, seed) run lands in ``final/<recipe>/<key>/seed<k>/`` by an atomic rename when
+complete; ``key`` (``search.rundir.run_key``) hashes its configuration without the seed and the data
+fingerprint. An interrupted retrain resumes with only the missing runs, and a changed best
+configuration, budget or dataset gets a new key: runs of another key are never reused or averaged.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +29,8 @@ from tumorseg.cli import ArgumentParser, exit_on_user_error
 from tumorseg.config import TrainConfig
 from tumorseg.errors import UserError
 
-from search.rundir import FINAL_DIR, load_sweep, read_best_params
+from search.rundir import FINAL_DIR, FINAL_EPOCHS_FACTOR, load_sweep, read_best_params, run_key
 from search.space import seed_point
-
-METRICS = ("dice", "iou", "precision", "recall", "f1", "dice_loss")
-OVERLAYS = ("best", "median", "worst")
-
 
 def recipes(run_dir: Path) -> tuple[dict[str, dict], list[str]]:
     """``{"best": params, "seed_recipe": params}`` (best omitted when no trial succeeded)."""
@@ -43,45 +44,68 @@ def recipes(run_dir: Path) -> tuple[dict[str, dict], list[str]]:
     return found, notes
 
 
-def retrain(run_dir: Path, seeds: int | None = None, log=print) -> dict:
-    """Run what is missing under ``run_dir/final`` and write ``final/metrics.json``."""
+def recipe_config(base: dict, params: dict, epochs: int, k: int) -> TrainConfig:
+    """The TrainConfig of seed ``k`` of a recipe: the sweep's fixed settings, the recipe, the final budget."""
+    return TrainConfig.from_dict({**base, **params, "seed": base["seed"] + k, "epochs": epochs})
+
+
+def run_done(out: Path, cfg: TrainConfig) -> bool:
+    """A finished run of exactly ``cfg`` (the key says so already; the recorded config double-checks)."""
+    try:
+        return json.loads((out / "metrics.json").read_text())["config"] == cfg.to_dict()
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def retrain(run_dir: Path, seeds: int | None = None, final_epochs: int | None = None, log=print) -> dict:
+    """Run what is missing under ``run_dir/final``, then ``search.finalize``; returns ``final/metrics.json``."""
     from tumorseg.data import load_dataset
     from tumorseg.model import load_encoder_state
     from tumorseg.engine import train
     from tumorseg.train import write_run_outputs
 
+    from search.finalize import finalize, format_summary
+
     run_dir = Path(run_dir)
     settings, _, base, _ = load_sweep(run_dir)
     seeds = seeds or settings.retrain_seeds
+    epochs = final_epochs or settings.retrain_epochs()
     todo, notes = recipes(run_dir)
     if "best" not in todo:
         log("retrain: no successful trial, so only the seed recipe is retrained")
     final = run_dir / FINAL_DIR
     final.mkdir(exist_ok=True)
-    dataset, encoder_states, data_by_size = None, {}, {}
+    dataset = settings.open_dataset()  # the sweep's splits.json, when it carved
+    log(f"retrain: data {dataset.info.describe()}; {seeds} seed(s) x {epochs} epochs per recipe "
+        f"(trials ran <= {settings.epochs})")
+    encoder_states, data_by_size, runs = {}, {}, {}
+    t0 = time.perf_counter()
     for recipe, params in todo.items():
-        for k in range(seeds):
-            out = final / recipe / f"seed{k}"
-            if (out / "metrics.json").is_file():
-                log(f"retrain: {recipe} seed {k} already done")
+        key = run_key(recipe_config(base, params, epochs, 0).to_dict(), dataset.info.fingerprint)
+        runs[recipe] = [final / recipe / key / f"seed{k}" for k in range(seeds)]
+        for k, out in enumerate(runs[recipe]):
+            cfg = recipe_config(base, params, epochs, k)
+            if run_done(out, cfg):
+                log(f"retrain: {recipe} seed {k} already done ({recipe}/{key})")
                 continue
-            if dataset is None:
-                dataset = settings.open_dataset()  # the sweep's splits.json, when it carved
-                log(f"retrain: data {dataset.info.describe()}")
-            cfg = TrainConfig.from_dict({**base, **params, "seed": base["seed"] + k, "epochs": settings.epochs})
             if cfg.encoder not in encoder_states:
                 encoder_states[cfg.encoder] = load_encoder_state(base["encoder_weights"], cfg.encoder)
             if cfg.resize_px not in data_by_size:
                 data_by_size[cfg.resize_px] = load_dataset(dataset, cfg.resize_px, cache_dir=settings.cache_dir)
             data = data_by_size[cfg.resize_px]
-            log(f"retrain: {recipe} seed {k}: {params}, {cfg.epochs} epochs")
+            log(f"retrain: {recipe} seed {k}: {params}, {cfg.epochs} epochs -> {recipe}/{key}/seed{k}")
+            started = time.perf_counter()
             result = train(cfg, data, encoder_state=encoder_states[cfg.encoder], log=log, progress=True)
+            train_wall_s = time.perf_counter() - started
             tmp = out.with_name(out.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
-            _, counts = write_run_outputs(tmp, result, cfg, data["test"], dataset.info)
+            metrics, counts = write_run_outputs(tmp, result, cfg, data["test"], dataset.info)
+            (tmp / "metrics.json").write_text(json.dumps({**metrics, "train_wall_s": train_wall_s}, indent=2))
             write_per_image(tmp, result.model, data["test"], cfg, counts)
+            shutil.rmtree(out, ignore_errors=True)  # a run of another config (never: the key hashes it), if any
             tmp.rename(out)  # complete runs only: an interrupted retrain redoes just this one
-    summary = summarize(final, todo, notes)
+    retrain_wall_s = time.perf_counter() - t0
+    summary = finalize(run_dir, dataset, todo, runs, notes, settings, retrain_wall_s, log=log)
     log(format_summary(summary))
     return summary
 
@@ -105,72 +129,22 @@ def write_per_image(out: Path, model, split, cfg, counts: np.ndarray) -> None:
         tile.resize((320, 320)).save(out / f"overlay_{name}.png")
 
 
-def summarize(final: Path, todo: dict, notes: list[str]) -> dict:
-    """Mean and std over seeds of each recipe's test (and val) metrics; the best model copied up."""
-    summary = {"metric_definitions": "see tumorseg/metrics.py", "notes": notes}
-    for recipe, params in todo.items():
-        runs = sorted((final / recipe).glob("seed*/metrics.json"))
-        if not runs:
-            continue
-        loaded = [json.loads(p.read_text()) for p in runs]
-        summary.setdefault("dataset", loaded[0].get("dataset"))  # every run of a sweep is on the same data
-        if loaded[0].get("seed_reported_test"):  # present only on the Kaggle data
-            summary.setdefault("seed_reported_test", loaded[0]["seed_reported_test"])
-        summary[recipe] = {
-            "params": params,
-            "seeds": [m["config"]["seed"] for m in loaded],
-            "epochs": loaded[0]["config"]["epochs"],
-            "resize_px": loaded[0]["config"]["resize_px"],
-            "test": {k: _mean_std([m["test"][k] for m in loaded]) for k in METRICS},
-            "valid": {k: _mean_std([m["valid"][k] for m in loaded]) for k in METRICS},
-        }
-    top = "best" if "best" in summary else "seed_recipe"
-    if top in summary:
-        runs = sorted((final / top).glob("seed*/metrics.json"))
-        chosen = max(runs, key=lambda p: json.loads(p.read_text())["valid"]["dice"]).parent  # by val, never test
-        for name in ["model.pt", "predictions.png", "test_per_image.csv"] + [f"overlay_{o}.png" for o in OVERLAYS]:
-            if (chosen / name).is_file():
-                shutil.copyfile(chosen / name, final / name)
-        summary["final_model"] = {"recipe": top, "run": str(chosen.relative_to(final))}
-    (final / "metrics.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def _mean_std(values: list[float]) -> dict:
-    arr = np.asarray(values, float)
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "values": arr.tolist()}
-
-
-def format_summary(summary: dict) -> str:
-    dataset = summary.get("dataset") or {}
-    seeds = max((len(summary[r]["seeds"]) for r in ("best", "seed_recipe") if r in summary), default=1)
-    on = f"on {dataset.get('name', '?')} ({dataset.get('layout', '?')}, fingerprint {dataset.get('fingerprint', '?')})"
-    lines = [f"test metrics (mean +- std over seeds) {on}:" if seeds > 1 else f"test metrics (one seed) {on}:"]
-    for recipe in ("best", "seed_recipe"):
-        if recipe in summary:
-            t = summary[recipe]["test"]
-            spread = (lambda k: f" +- {t[k]['std']:.4f}") if len(summary[recipe]["seeds"]) > 1 else (lambda k: "")
-            lines.append(f"  {recipe:12s} " + "  ".join(f"{k} {t[k]['mean']:.4f}{spread(k)}" for k in ("dice", "f1", "precision", "recall")))
-    s = summary.get("seed_reported_test")
-    if s:
-        lines.append(f"  {'seed report':12s} f1 {s['f1']}  precision {s['precision']}  recall {s['recall']}  "
-                     "(measured on Kaggle's own test split at 256 px)")
-    lines += [f"  note: {n}" for n in summary.get("notes", [])]
-    return "\n".join(lines)
-
-
 def main(argv=None) -> None:
     p = ArgumentParser(prog="search.retrain", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--retrain-seeds", type=int, default=None, help="seeds per recipe (default: the sweep's)")
+    p.add_argument("--final-epochs", type=int, default=None,
+                   help=f"epochs of each retrain run (default: the sweep's --final-epochs, else {FINAL_EPOCHS_FACTOR} x its --epochs)")
     args = p.parse_args(argv)
     with exit_on_user_error("search.retrain"):
-        if args.retrain_seeds is not None and args.retrain_seeds <= 0:
-            raise UserError(f"--retrain-seeds must be > 0, got {args.retrain_seeds}")
+        for flag in ("retrain_seeds", "final_epochs"):
+            value = getattr(args, flag)
+            if value is not None and value <= 0:
+                raise UserError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
         if not args.run_dir.is_dir():
             raise UserError(f"run folder not found: {args.run_dir}")
         try:
-            retrain(args.run_dir, args.retrain_seeds)
+            retrain(args.run_dir, args.retrain_seeds, args.final_epochs)
         except KeyboardInterrupt:
             print(f"\ninterrupted: finished runs are kept; rerun python -m search.retrain {args.run_dir} to do the rest",
                   file=sys.stderr)

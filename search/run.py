@@ -21,7 +21,7 @@ from tumorseg.cli import exit_on_user_error
 from tumorseg.config import TrainConfig
 from tumorseg.errors import ConfigError
 
-from search import cluster, rundir
+from search import cluster, rundir, study
 from search.cli import RESUMED_SETTINGS, build_parser, check_resume_flags, explicit_flags, settings_from_args
 from search.rundir import SweepSettings
 from search.space import SearchSpace
@@ -56,12 +56,15 @@ def run(args, argv: list[str], given: set[str]) -> None:
         check_resume_flags(given, (settings, space, base), (saved_settings, saved_space, saved_base))
         settings, space, base, notes = saved_settings, saved_space, saved_base, payload.get("seed_point_notes", [])
         print(f"resuming {settings.run_dir}")
+        if "study" not in payload:
+            print("note: this sweep predates its Optuna study database: it continues without one")
     elif rundir.holds_sweep(settings.run_dir):
         raise ConfigError(f"--name {settings.name!r}: {settings.run_dir} already holds a sweep; continue it with "
                           f"--name {settings.name} --resume, or choose another --name")
     for note in notes:
         print(f"note: {note}")
-    finished = run_sweep(settings, space, base, notes, argv, restore=args.resume)
+    with_study = not args.resume or "study" in payload
+    finished = run_sweep(settings, space, base, notes, argv, restore=args.resume, with_study=with_study)
     finish(settings, base, finished)
 
 
@@ -114,8 +117,9 @@ def prepare_data(settings: SweepSettings, space: SearchSpace, base: dict, restor
     return data
 
 
-def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: list[str], argv: list[str], restore: bool) -> bool:
-    """Check data, storage and cluster, claim the run folder, run (or continue) the Tune experiment.
+def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: list[str], argv: list[str], restore: bool,
+              with_study: bool = True) -> bool:
+    """Check storage, study database, data and cluster, claim the run folder, run (or continue) the Tune experiment.
 
     Returns True when every trial finished.
     """
@@ -123,6 +127,10 @@ def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: li
     from tumorseg.model import load_encoder_states
 
     check_writable(settings.storage, settings.run_dir)
+    study_url = study.sweep_url(settings) if with_study else None
+    if study_url is not None:
+        study.check_study(study_url, settings.name, resume=restore)
+        study.register_url(settings.name, study_url)  # the restored searcher reconnects with it
     # once, for every encoder of the space, shipped to every trial
     encoder_states = load_encoder_states(base["encoder_weights"], space.encoders)
     data = prepare_data(settings, space, base, restore)
@@ -130,14 +138,22 @@ def run_sweep(settings: SweepSettings, space: SearchSpace, base: dict, notes: li
     cluster.start_ray(settings)
     try:
         slots = place_trials(settings, base)
+        if study_url is not None:
+            shown = study.with_driver(study.redact(study_url))
+            print(f"Optuna study {settings.name}: optuna-dashboard {shown} --host 127.0.0.1  (pip install -e '.[dashboard]')")
         if not is_uri(settings.storage):
             check_visible_from_all_nodes(settings.run_dir)
+        mlflow_run = open_mlflow(settings, base)
         if not restore:
             from search.tuner import sampler_settings
 
-            rundir.write_sweep_json(settings.run_dir, settings, space, base, notes=notes,
-                                    sampler=sampler_settings(settings), argv=argv)
-        return fit(settings, space, base, data, encoder_states, slots, restore)
+            rundir.write_sweep_json(settings.run_dir, settings, space, base, notes=notes, sampler=sampler_settings(settings),
+                                    argv=study.redact_argv(argv), study=study.study_record(settings, study_url))
+        if mlflow_run:
+            from search.tracking import record_sweep_run
+
+            record_sweep_run(settings.run_dir, mlflow_run)
+        return fit(settings, space, base, data, encoder_states, slots, restore, study_url, mlflow_run)
     finally:
         # The retrain runs in this process: free the idle trial processes (reused actors) and their
         # memory now, so they neither compete with it nor log their shutdown into its output.
@@ -166,11 +182,21 @@ def place_trials(settings: SweepSettings, base: dict) -> int:
     return slots
 
 
+def open_mlflow(settings: SweepSettings, base: dict) -> dict | None:
+    """``--mlflow``: the sweep's parent run (created, or reused on --resume) before any trial starts."""
+    if not settings.mlflow:
+        return None
+    from search.tracking import open_sweep_run
+
+    info = open_sweep_run(settings, base)
+    print(f"MLflow: sweep run {info['parent_run_id']} (experiment {info['experiment_id']}) in {info['uri']}")
+    return info
+
+
 def fit(settings: SweepSettings, space: SearchSpace, base: dict, data, encoder_states, slots: int, restore: bool,
-        code: dict | None = None) -> bool:
+        study_url: str | None = None, mlflow_run: dict | None = None, code: dict | None = None) -> bool:
     """Run (or continue) the Tune experiment; ``code``: see ``search.tuner.make_trainable``."""
-    from search.callbacks import LiveViewCallback, TrialsTableCallback
-    from search.checkpoints import DeleteFinishedCheckpoints
+    from search.callbacks import LiveViewCallback, MLflowCallback, TrialsTableCallback
     from search.trials import FINISHED, read_table
     from search.tuner import make_trainable, make_tuner, restore_tuner
 
@@ -180,9 +206,10 @@ def fit(settings: SweepSettings, space: SearchSpace, base: dict, data, encoder_s
     else:
         callbacks = [TrialsTableCallback(settings.run_dir, settings.epochs),
                      LiveViewCallback(settings.run_dir, settings.num_samples, settings.epochs, slots)]
-        if not settings.keep_checkpoints:
-            callbacks.append(DeleteFinishedCheckpoints())
-        tuner = make_tuner(settings, space, trainable, slots, callbacks)
+        if mlflow_run:  # on --resume Tune restores the callbacks it saved, this one included
+            callbacks.append(MLflowCallback(mlflow_run, settings.epochs))
+        # make_tuner adds the study mirror and the checkpoint callbacks (search.checkpoints)
+        tuner = make_tuner(settings, space, trainable, slots, callbacks, study_url)
     interrupted = False
     try:
         tuner.fit()
@@ -214,6 +241,7 @@ def finish(settings: SweepSettings, base: dict, finished: bool) -> None:
         if report is not None:
             print(f"report of what finished: {report}")
         upload(settings)
+        close_mlflow(settings, finished=False)
         raise SystemExit(130)
     if best is None:
         print("every trial failed: no best configuration (see trials.csv for the reasons)", file=sys.stderr)
@@ -223,12 +251,20 @@ def finish(settings: SweepSettings, base: dict, finished: bool) -> None:
     if not settings.no_retrain:
         from search.retrain import retrain
 
-        summary = retrain(run_dir, settings.retrain_seeds)
+        summary = retrain(run_dir, settings.retrain_seeds, settings.retrain_epochs())
     report = write_report(run_dir)
     upload(settings)
+    close_mlflow(settings, finished=True)
     from search.live import closing_block
 
     print(closing_block(run_dir, settings.name, settings.storage, best, summary, report))
+
+
+def close_mlflow(settings: SweepSettings, finished: bool) -> None:
+    if settings.mlflow:
+        from search.tracking import close_sweep_run
+
+        close_sweep_run(settings.run_dir, finished)
 
 
 def upload(settings: SweepSettings) -> None:

@@ -2,13 +2,27 @@
 
     sweep.json         settings, search space, fixed trial config, sampler, command, versions
     trials.csv         one row per trial (``search.trials``)
+    study.db           the Optuna study, SQLite (``search.study``; not written with --study-storage URL)
     best_config.json   the best trial's parameters and full TrainConfig
     tune/              Ray Tune's experiment folder, one ``trial_NNN_<id>/`` per trial
     data_summary.txt   dataset, splits, trivial baselines (``python -m tumorseg.data`` in three lines)
     splits.json        the valid/test carve by case, when the data had none (reused by resume and retrain)
-    final/             the retrain stage (``search.retrain``)
+    final/             the final stage (``search.retrain``), below
     report.html        the report (``search.report``)
     ray.log            Ray's and Optuna's own log lines (the terminal shows ``search.live``'s view)
+
+The final stage writes ``final/`` (``search.retrain``; ``tumorseg.postprocess`` reads the shipped model):
+
+    final/<recipe>/<key>/seed<k>/   one retrain run (recipe: best | seed_recipe; key: ``run_key``, a hash of
+                                    its TrainConfig without the seed and of the data fingerprint; k = 0..K-1)
+    final/model/member<k>.pt        the shipped model: the K runs of the shipped recipe's current key
+    final/postprocess.json          its post-processing, chosen on validation (``tumorseg.postprocess``)
+    final/metrics.json              test metrics per seed, of the ensemble without and with post-processing,
+                                    and of the trivial baselines, per recipe
+    final/model.pt                  the shipped recipe's member with the best validation Dice (one file)
+    final/predictions.png, overlay_{best,median,worst}.png, test_per_image.csv   the shipped predictions
+
+Runs under another key (an earlier best configuration, budget or dataset) are never read.
 
 ``results/README.md`` documents each file for users. This module also holds the one trial-naming
 rule (``trial_name``: ``trial_000`` is the first trial, the seed recipe). It imports no Ray.
@@ -17,6 +31,7 @@ rule (``trial_name``: ``trial_000`` is the first trial, the seed recipe). It imp
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shlex
@@ -28,6 +43,7 @@ from typing import Any
 
 from tumorseg.data import SPLITS_JSON  # the carve, the same file name as in a tumorseg.train --out
 from tumorseg.errors import UserError
+from tumorseg.postprocess import FINAL_DIR, FINAL_MODEL_DIR, POSTPROCESS_JSON  # noqa: F401 - the run folder's names
 
 from search.space import SearchSpace
 from search.storage import is_uri
@@ -37,10 +53,11 @@ TRIALS_CSV = "trials.csv"
 BEST_CONFIG_JSON = "best_config.json"
 DATA_SUMMARY_TXT = "data_summary.txt"  # the three dataset lines the sweep printed at start
 TUNE_DIR = "tune"  # Ray's experiment folder inside the run folder
-FINAL_DIR = "final"
+FINAL_EPOCHS_FACTOR = 3  # --final-epochs default: this many times --epochs (README: "The final stage")
 REPORT_HTML = "report.html"
 RAY_LOG = "ray.log"  # Ray's and Optuna's own log (the terminal shows the live view)
-DRIVER_FILES = (SWEEP_JSON, TRIALS_CSV, BEST_CONFIG_JSON, SPLITS_JSON, DATA_SUMMARY_TXT, FINAL_DIR)  # what --resume downloads from a URI
+STUDY_DB = "study.db"  # the Optuna study (SQLite) unless --study-storage names a database
+DRIVER_FILES = (SWEEP_JSON, TRIALS_CSV, BEST_CONFIG_JSON, SPLITS_JSON, DATA_SUMMARY_TXT, FINAL_DIR, STUDY_DB)  # what --resume downloads from a URI
 
 
 @dataclass
@@ -57,11 +74,15 @@ class SweepSettings:
     num_samples: int = 16
     max_concurrent: int = 0  # 0: as many as the resources allow
     epochs: int = 20
-    grace_period: int = 2
-    reduction_factor: float = 3
+    # ASHA's defaults, chosen by `python -m search.bench --asha-yield` (README, Benchmarks): with these the
+    # best was within 0.01 of the full budget's in 5 of 5 seeds at 2.13x fewer epochs (median)
+    grace_period: int = 1
+    reduction_factor: float = 2
+    rung_metric: str = "val_dice"  # search.tuner.RUNG_METRICS: what ASHA compares at a rung
     max_failures: int = 2
     seed: int = 0
     retrain_seeds: int = 1
+    final_epochs: int | None = None  # the retrain's budget; None: FINAL_EPOCHS_FACTOR x epochs
     address: str | None = None
     dashboard: bool = True
     dashboard_host: str = "127.0.0.1"
@@ -74,6 +95,9 @@ class SweepSettings:
     data_path: str = "auto"  # object-store | node-cache | auto (search.datapath)
     no_retrain: bool = False
     verbose: bool = False  # Ray's own output on the terminal too (always in RAY_LOG)
+    sampler: str = "tpe"  # search.tuner.SAMPLERS
+    study_storage: str | None = None  # the study's database URL; None: STUDY_DB in the run folder
+    mlflow: str | None = None  # --mlflow: a folder or tracking URI (search.tracking); None: no MLflow
 
     @property
     def run_dir(self) -> Path:
@@ -81,6 +105,10 @@ class SweepSettings:
         if is_uri(self.storage):
             return Path("results").resolve() / self.name
         return Path(self.storage).expanduser().resolve() / self.name
+
+    def retrain_epochs(self) -> int:
+        """The final stage's epoch budget (``--final-epochs``)."""
+        return self.final_epochs or FINAL_EPOCHS_FACTOR * self.epochs
 
     @property
     def ray_root(self) -> str:
@@ -124,13 +152,18 @@ def holds_sweep(run_dir: Path) -> bool:
 
 
 def write_sweep_json(run_dir: Path, settings: SweepSettings, space: SearchSpace, base: dict, *,
-                     notes: list[str], sampler: dict, argv: list[str]) -> None:
+                     notes: list[str], sampler: dict, argv: list[str], study: dict | None = None) -> None:
+    """``study``: where the Optuna study is and how it mirrors the sweep (passwords already removed)."""
+    recorded = dataclasses.asdict(settings)
+    if study is not None and settings.study_storage is not None:
+        recorded["study_storage"] = study["storage"]  # never the password (the caller redacts argv too)
     payload = {
-        "settings": dataclasses.asdict(settings),
+        "settings": recorded,
         "space": space.to_dict(),
         "base_config": base,
         "seed_point_notes": notes,
         "sampler": sampler,
+        **({"study": study} if study is not None else {}),
         "command": "python -m search.run " + " ".join(shlex.quote(a) for a in argv),
         "versions": package_versions(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -185,6 +218,16 @@ def write_json(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)  # readers never see half a file
+
+
+# ----------------------------------------------------------------------------- retrain runs
+
+
+def run_key(config: dict, fingerprint: str) -> str:
+    """What a retrain run is keyed by: a short hash of its TrainConfig without the seed and of the
+    data fingerprint (seeds 0..K-1 of one recipe share a key; any other change makes a new one)."""
+    what = {"config": {k: v for k, v in config.items() if k != "seed"}, "data": fingerprint}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
 
 
 # ----------------------------------------------------------------------------- trial names

@@ -12,6 +12,16 @@ constant liar) and nothing else. TPE's "good" set is at most the top 25 trials (
 all of them in the view, and its default weights already fade out all but the latest 25 of the rest,
 so the view changes what TPE models little while its cost stops growing. With fewer trials than the
 window the sampler sees the whole study: small sweeps propose exactly what they did without it.
+GP is bounded the same way (its Gaussian process over all COMPLETE trials costs more per trial than
+TPE); random and QMC fit no model to the history, so for them the window changes next to nothing.
+
+The best trials are read from the study (its COMPLETE trials, once per proposal), not from the
+sampler's ``after_trial``: in a sweep the study is told by ``search.studysearch.StudyCallback``
+through its own connection to the database, so this sampler never sees the tell. ASHA's stops are
+PRUNED, not COMPLETE: they are in the view while recent, and TPE ranks every COMPLETE trial above
+them anyway. The view works on any storage: it filters what ``study.get_trials`` /
+``study._get_trials`` return (an ``RDBStorage`` study's included) and passes everything else
+(``_storage``, ``_study_id``, directions) through to the study.
 """
 
 from __future__ import annotations
@@ -50,21 +60,34 @@ class _StudyWindow:
 
 
 class WindowedSampler(BaseSampler):
-    """``sampler`` proposing from the ``best`` + ``recent`` window of the study (see the module doc)."""
+    """``sampler`` proposing from the ``best`` + ``recent`` window of the study (see the module doc).
+
+    Pickles (Tune saves the searcher, and its sampler, with every experiment snapshot): its own state
+    is three numbers and the window it computed last.
+    """
 
     def __init__(self, sampler: BaseSampler, *, recent: int, best: int):
         self.sampler = sampler
         self.recent = recent
         self.best = best
-        self._top: list[tuple[float, int]] = []  # min-heap of (signed value, number): the best finished trials
         self._latest = -1  # highest trial number seen
+        self._window: tuple[int, set[int]] | None = None  # (trial number, the best trials' numbers) last computed
+
+    def _best_numbers(self, study: optuna.Study, number: int) -> set[int]:
+        """Numbers of the ``best`` highest-valued COMPLETE trials (ties: the later trial), once per proposal."""
+        if self._window is None or self._window[0] != number:
+            complete = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,), use_cache=True)
+            sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+            top = heapq.nlargest(self.best, ((sign * t.value, t.number) for t in complete if t.value is not None))
+            self._window = (number, {n for _, n in top})
+        return self._window[1]
 
     def _view(self, study: optuna.Study, trial) -> optuna.Study | _StudyWindow:
         self._latest = max(self._latest, trial.number)
         first_recent = self._latest + 1 - self.recent
         if first_recent <= 0:
             return study  # the whole study fits in the window
-        return _StudyWindow(study, {number for _, number in self._top}, first_recent)
+        return _StudyWindow(study, self._best_numbers(study, trial.number), first_recent)
 
     def infer_relative_search_space(self, study, trial):
         return self.sampler.infer_relative_search_space(self._view(study, trial), trial)
@@ -79,13 +102,6 @@ class WindowedSampler(BaseSampler):
         self.sampler.before_trial(study, trial)
 
     def after_trial(self, study, trial, state, values) -> None:
-        if state == TrialState.COMPLETE and values:
-            signed = values[0] if study.direction == optuna.study.StudyDirection.MAXIMIZE else -values[0]
-            entry = (signed, trial.number)
-            if len(self._top) < self.best:
-                heapq.heappush(self._top, entry)
-            elif entry > self._top[0]:
-                heapq.heapreplace(self._top, entry)
         self.sampler.after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:

@@ -1,8 +1,13 @@
-"""The Tune experiment: Optuna's TPE proposes, ASHA stops, Tune runs the trainable.
+"""The Tune experiment: Optuna (TPE unless --sampler) proposes, ASHA stops, Tune runs the trainable.
 
-``METRIC`` is what ASHA compares at its rungs and what TPE learns from: the best native-resolution
-validation Dice a trial has reached so far. One epoch's Dice is noisy early on; the running best is
-what the trial would be selected by, and it is the score trials.csv and the report rank.
+``METRIC`` is what the sampler learns from and what trials.csv, the report and the retrain rank by:
+the best native-resolution validation Dice a trial has reached so far. ASHA compares trials at a rung
+by ``--rung-metric``: by default that epoch's validation Dice, which `search.bench --asha-yield`
+measured losing less of the best than the running best at the same epochs saved (README, Benchmarks).
+The sampler works on the sweep's Optuna study in a database (``search.study``): ``StudySearch``
+asks it, ``StudyCallback`` mirrors every trial into it (``search.studysearch``). Whichever the
+sampler, it proposes from a bounded window of the study (the best and the latest trials,
+``search.sampler_window``), so proposals cost the same at trial 2,000 as at trial 300.
 """
 
 from __future__ import annotations
@@ -11,45 +16,73 @@ from search.rundir import TUNE_DIR, SweepSettings, trial_dirname, trial_name
 from search.space import SearchSpace, define_by_run, seed_point
 
 METRIC = "best_val_dice"
-# each proposal reads the best and the latest trials, not all (search.sampler_window)
+RUNG_METRICS = ("val_dice", "best_val_dice")  # --rung-metric: what ASHA compares at a rung
+
+
+SAMPLERS = ("tpe", "gp", "random", "qmc")  # --sampler
+# each proposal reads the best and the latest trials, not all (search.sampler_window), whichever the sampler
 HISTORY = {"best": 32, "recent": 256}
 
 
 def sampler_settings(settings: SweepSettings) -> dict:
-    """TPE's settings for this sweep (recorded in sweep.json).
+    """The sampler's settings for this sweep (recorded in sweep.json; ``make_sampler`` builds it), with
+    the ``history`` window every sampler proposes from (``HISTORY``, ``search.sampler_window``).
 
-    Optuna's default of 10 random start-up trials would make a 12-16 trial sweep mostly random
+    TPE: Optuna's default of 10 random start-up trials would make a 12-16 trial sweep mostly random
     search: a quarter of the budget (3 to 10 trials, the seed recipe included) is random, the rest
     TPE. ``multivariate`` + ``group`` model the conditional loss parameters jointly; the constant
     liar keeps trials proposed while others still run from all landing on the same point.
+    GP (Optuna's GPSampler, made for small budgets): the same start-up count, counted in COMPLETE
+    trials only; conditional parameters are sampled at random. QMC: a scrambled Sobol sequence.
     """
+    return {**_sampler_options(settings), "history": dict(HISTORY)}
+
+
+def _sampler_options(settings: SweepSettings) -> dict:
+    start_up = max(3, min(10, settings.num_samples // 4))
+    if settings.sampler == "gp":
+        return {"name": "GPSampler", "n_startup_trials": start_up, "seed": settings.seed,
+                "deterministic_objective": False, "warn_independent_sampling": False}
+    if settings.sampler == "random":
+        return {"name": "RandomSampler", "seed": settings.seed}
+    if settings.sampler == "qmc":
+        return {"name": "QMCSampler", "qmc_type": "sobol", "scramble": True, "seed": settings.seed,
+                "warn_independent_sampling": False}
     return {
         "name": "TPESampler",
-        "n_startup_trials": max(3, min(10, settings.num_samples // 4)),
+        "n_startup_trials": start_up,
         "multivariate": True,
         "group": True,
         "constant_liar": True,
         "seed": settings.seed,
-        "history": HISTORY,
     }
 
 
-def make_searcher(settings: SweepSettings, space: SearchSpace, max_concurrent: int):
+def make_sampler(settings: SweepSettings):
     import warnings
 
     import optuna
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     from search.sampler_window import WindowedSampler
 
-    options = {k: v for k, v in sampler_settings(settings).items() if k not in ("name", "history")}
+    options = sampler_settings(settings)
+    name, history = options.pop("name"), options.pop("history")
     with warnings.catch_warnings():  # multivariate/group are marked experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(**options)
-    sampler = WindowedSampler(sampler, **HISTORY)  # proposals stop getting slower with the number of trials
+        sampler = getattr(optuna.samplers, name)(**options)
+    return WindowedSampler(sampler, **history)  # proposals stop getting slower with the number of trials
+
+
+def make_searcher(settings: SweepSettings, space: SearchSpace, max_concurrent: int, storage_url: str | None = None):
+    """Optuna's sampler on the sweep's study (``storage_url``; None: in memory), seed recipe or --points first;
+    ``lookahead`` trials proposed beyond the ``max_concurrent`` slots."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    from search.studysearch import StudySearch
+
     points = settings.points or [seed_point(space)[0]]
-    searcher = OptunaSearch(space=define_by_run(space), metric=METRIC, mode="max", points_to_evaluate=points, sampler=sampler)
+    searcher = StudySearch(storage_url=storage_url, study_name=settings.name, space=define_by_run(space), metric=METRIC,
+                           mode="max", points_to_evaluate=points, sampler=make_sampler(settings))
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent + lookahead(settings, max_concurrent))
 
 
@@ -67,7 +100,7 @@ def lookahead(settings: SweepSettings, slots: int) -> int:
 def make_scheduler(settings: SweepSettings):
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="epoch", metric=METRIC, mode="max", max_t=settings.epochs,
+    return ASHAScheduler(time_attr="epoch", metric=settings.rung_metric, mode="max", max_t=settings.epochs,
                          grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
 
 
@@ -90,13 +123,26 @@ def make_trainable(settings: SweepSettings, base: dict, data, encoder_states, co
     return tune.with_resources(bound, resources)
 
 
-def make_tuner(settings: SweepSettings, space: SearchSpace, trainable, max_concurrent: int, callbacks: list):
+def make_tuner(settings: SweepSettings, space: SearchSpace, trainable, max_concurrent: int, callbacks: list,
+               storage_url: str | None = None):
     from ray import tune
+
+    from search.checkpoints import ContinueFromSavedCheckpoint, DeleteFinishedCheckpoints
+    from search.studysearch import StudyCallback
+
+    # both pickled with the experiment, so a --resume runs them too: the first mends restored trials
+    # whose named checkpoint is gone; the last deletes finished trials' checkpoints once a snapshot
+    # records them finished (the other callbacks have seen the trial end by then)
+    callbacks = [ContinueFromSavedCheckpoint(), *callbacks]
+    if not settings.keep_checkpoints:
+        callbacks.append(DeleteFinishedCheckpoints())
+    if storage_url is not None:  # mirrors every trial into the study; first, so what trials.csv shows is in the study
+        callbacks = [StudyCallback(settings.name, storage_url, settings.epochs, METRIC), *callbacks]
 
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(settings, space, max_concurrent),
+            search_alg=make_searcher(settings, space, max_concurrent, storage_url),
             scheduler=make_scheduler(settings),
             num_samples=settings.num_samples,
             reuse_actors=settings.reuse_actors,

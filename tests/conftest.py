@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -59,7 +60,9 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path
 
 # ----------------------------------------------------------------------------- sweeps
 
-TINY_SWEEP = ["--resize-choices", "64", "--encoder-weights", "none", "--batch-size", "8", "--lr-range", "1e-3,5e-3"]
+# --final-epochs 1: the final stage's budget is its own (tests check it), and the cheapest
+TINY_SWEEP = ["--resize-choices", "64", "--encoder-weights", "none", "--batch-size", "8", "--lr-range", "1e-3,5e-3",
+              "--final-epochs", "1"]
 
 
 def sweep_args(paths: dict, ray_tmp: Path, name: str, *extra: str) -> list[str]:
@@ -116,6 +119,8 @@ def finished_sweep(paths, tmp_path_factory):
     args = sweep_args(paths, ray_tmp, "six", "--gpus", "2", "--num-samples", "6", "--epochs", "3",
                       "--grace-period", "1", "--reduction-factor", "3", "--seed", "1", "--lr-range", "1e-5,5e-3",
                       "--points", str(points))
+    if importlib.util.find_spec("mlflow") is not None:  # tests/test_mlflow.py reads the runs back
+        args += ["--mlflow", str(ray_tmp.parent / "mlflow-six")]
     proc = run_cli(*args, env=NO_CUDA, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return paths["storage"] / "six", proc

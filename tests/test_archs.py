@@ -173,9 +173,10 @@ def test_sweep_over_two_archs_and_two_encoders_then_predict(paths, ray_tmp, tmp_
     assert "Dice against cost" in (run_dir / "report.html").read_text()
 
     best = json.loads((run_dir / "best_config.json").read_text())
+    final = json.loads((run_dir / "final" / "metrics.json").read_text())
     image = next((paths["data"] / "test").glob("*.jpg"))
     for recipe, (arch, encoder) in (("best", (best["params"]["arch"], best["params"]["encoder"])), ("seed_recipe", ("Unet", "resnet18"))):
-        model_file = run_dir / "final" / recipe / "seed0" / "model.pt"
+        model_file = run_dir / "final" / final[recipe]["runs"][0] / "model.pt"
         payload = torch.load(model_file, map_location="cpu", weights_only=True)
         assert (payload["arch"], payload["encoder"]) == (arch, encoder)
         out = tmp_path / f"predict-{recipe}"

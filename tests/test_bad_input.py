@@ -69,6 +69,7 @@ CLI_CASES = [
     ("search.run", ["--cpus-per-trial", "0"], "--cpus-per-trial must be > 0, got 0"),
     ("search.run", ["--max-concurrent", "-2"], "--max-concurrent must be >= 0, got -2"),
     ("search.run", ["--retrain-seeds", "0"], "--retrain-seeds must be > 0, got 0"),
+    ("search.run", ["--final-epochs", "0"], "--final-epochs must be > 0, got 0"),
     ("search.run", ["--gpus", "2", "--gpus-per-trial", "3"], "--gpus-per-trial 3 is more than --gpus 2"),
     ("search.run", ["--gpus", "4", "--gpus-per-trial", "1.5"], "--gpus-per-trial above 1 must be a whole number"),
     ("search.run", ["--loss-types", "dice,focal"], "--loss-types: ['focal']"),
@@ -94,6 +95,13 @@ CLI_CASES = [
     ("search.run", ["--resize", "100", "--debug"], "unrecognized arguments: --resize 100"),  # no abbreviation of --resize-choices
     ("search.run", ["--gpus", "3", "--gpus-per-trial", "3"], "--batch-size 16 must be a multiple of --gpus-per-trial 3"),
     ("search.run", ["--data", "/no/such/folder"], "--data: folder not found: /no/such/folder"),
+    ("search.run", ["--sampler", "cmaes"], "argument --sampler: invalid choice: 'cmaes'"),
+    ("search.run", ["--study-storage", "postgresql://tumorseg@127.0.0.1:1/study"],  # nothing listens on port 1
+     ("--study-storage postgresql://tumorseg@127.0.0.1:1/study: cannot open the study database (connection to server at "
+      '"127.0.0.1", port 1 failed: Connection refused')),
+    ("search.run", ["--study-storage", "sqlite:////sys/study.db"],  # sysfs: no user, root included, may create files
+     "--study-storage sqlite:////sys/study.db: cannot write to the folder /sys (Permission denied)"),
+    ("search.run", ["--study-storage", "postgresql://tumorseg@db:port/x"], "--study-storage postgresql://tumorseg@db:port/x: not a database URL"),
     ("tumorseg.train", ["--batch-size", "-4"], "batch_size must be > 0, got -4"),
     ("tumorseg.train", ["--epochs", "0"], "epochs must be > 0, got 0"),
     ("tumorseg.train", ["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
@@ -106,7 +114,13 @@ CLI_CASES = [
     ("tumorseg.train", ["--data", "/nonexistent/ds"], "data folder not found: /nonexistent/ds"),
     ("tumorseg.train", ["--encoder-weights", "/no/such/file.pth"], "--encoder-weights: no such file"),
     ("search.retrain", ["/no/run"], "run folder not found: /no/run"),
+    ("search.retrain", ["/no/run", "--final-epochs", "0"], "--final-epochs must be > 0, got 0"),
     ("search.report", ["/no/run"], "run folder not found: /no/run"),
+    ("tumorseg.export", ["/no/run"], "model source not found: /no/run"),
+    ("tumorseg.export", ["tests"], "tests: no final model (no tests/final/model/member<k>.pt"),
+    ("tumorseg.predict", ["README.md", "scan.png"], "README.md: not a model source (expected a run folder, a model.pt or a model.onnx)"),
+    ("tumorseg.predict", ["tests", "scan.png"], "tests: no final model (no tests/final/model/member<k>.pt"),
+    ("tumorseg.predict", ["model.pt", "scan.png", "--batch-size", "0"], "--batch-size must be > 0, got 0"),
 ]
 
 
@@ -123,7 +137,8 @@ def test_more_gpus_than_cuda_visible_devices_lists_is_one_line(paths, tmp_path):
 def _where_to_write(module, tmp_path) -> list[str]:
     """Flags that keep a CLI's output in ``tmp_path`` (the rows' own flags come after and win)."""
     return {"search.run": ["--storage", str(tmp_path)],
-            "tumorseg.train": ["--out", str(tmp_path), "--encoder-weights", "none"]}.get(module, [])
+            "tumorseg.train": ["--out", str(tmp_path), "--encoder-weights", "none"],
+            "tumorseg.export": ["--out", str(tmp_path)], "tumorseg.predict": ["--out", str(tmp_path)]}.get(module, [])
 
 
 @pytest.mark.parametrize("module, args, message", CLI_CASES, ids=[" ".join([m, *a]) for m, a, _ in CLI_CASES])
@@ -132,6 +147,18 @@ def test_bad_flags_exit_2_with_one_line(module, args, message, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert message in proc.stderr
+
+
+def test_a_study_of_that_name_from_another_sweep_is_refused(tmp_path):
+    import optuna
+
+    url = f"sqlite:///{tmp_path}/team.db"
+    optuna.create_study(study_name="lungs", storage=url)  # another sweep's study, in a shared database
+    proc = run_cli("-m", "search.run", "--storage", str(tmp_path), "--name", "lungs", "--study-storage", url, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.strip() == (f"search.run: error: --study-storage {url} already holds a study named 'lungs' (another "
+                                   "sweep's): continue that sweep with --name lungs --resume, or choose another --name")
+    assert not (tmp_path / "lungs" / "sweep.json").exists()
 
 
 def test_space_file_with_unknown_name_exits_2(tmp_path):

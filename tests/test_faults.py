@@ -85,16 +85,33 @@ def test_sweep_retrain_and_report_finish_despite_faults(faulty_sweep):
 
 
 @pytest.mark.slow
+def test_the_study_records_failures_as_fail_with_their_reasons(faulty_sweep):
+    import optuna
+
+    run_dir, table = faulty_sweep
+    study = optuna.load_study(study_name="faulty", storage=f"sqlite:///{run_dir / 'study.db'}")
+    trials = {int(t.user_attrs["trial_name"].split("_")[1]): t for t in study.trials}
+    assert sorted(trials) == list(table.index)  # one Optuna trial per Tune trial, the retried ones too
+    for index in (1, 2, 3):  # non-finite loss, out of memory, crashed max_failures + 1 times
+        assert trials[index].state.name == "FAIL" and trials[index].value is None
+        assert trials[index].user_attrs["failure_reason"] == table.loc[index, "failure_reason"]
+    for index in (0, 4, 5):
+        assert trials[index].state.name == "COMPLETE" and trials[index].value == pytest.approx(table.loc[index, "best_val_dice"])
+    assert sorted(trials[4].intermediate_values) == [1, 2, 3]  # epochs 1-2, then epoch 3 after the retry
+    assert trials[3].intermediate_values.keys() == {1}  # what the crashing trial finished is kept
+
+
+@pytest.mark.slow
 def test_ctrl_c_during_retrain_then_resume_does_only_the_missing_work(paths, ray_tmp):
     args = sweep_args(paths, ray_tmp, "retrain-int", "--num-samples", "2", "--epochs", "2", "--grace-period", "2",
                       "--retrain-seeds", "2")
     driver = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = paths["storage"] / "retrain-int"
-    first = run_dir / "final" / "best" / "seed0" / "metrics.json"
     deadline = time.monotonic() + 600
-    while not first.is_file():
+    while not (done := list((run_dir / "final" / "best").glob("*/seed0/metrics.json"))):
         assert driver.poll() is None and time.monotonic() < deadline, "the driver ended before the first retrain"
         time.sleep(0.5)
+    first = done[0]
     driver.send_signal(signal.SIGINT)
     _, stderr = driver.communicate(timeout=120)
     assert driver.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
@@ -105,9 +122,11 @@ def test_ctrl_c_during_retrain_then_resume_does_only_the_missing_work(paths, ray
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "retrain: best seed 0 already done" in proc.stdout
     assert first.stat().st_mtime_ns == done_before  # not redone
-    for recipe in ("best", "seed_recipe"):
-        assert sorted(p.name for p in (run_dir / "final" / recipe).iterdir()) == ["seed0", "seed1"]
-    assert len(json.loads((run_dir / "final" / "metrics.json").read_text())["best"]["seeds"]) == 2
+    final = json.loads((run_dir / "final" / "metrics.json").read_text())
+    for recipe in ("best", "seed_recipe"):  # one key per recipe: the same configuration was resumed
+        assert [p.name for p in (run_dir / "final" / recipe).iterdir()] == [final[recipe]["key"]]
+        assert sorted(p.name for p in (run_dir / "final" / recipe / final[recipe]["key"]).iterdir()) == ["seed0", "seed1"]
+    assert len(final["best"]["seeds"]) == 2 and final["best"]["ensemble"]["members"] == 2
     assert len(pd.read_csv(run_dir / "trials.csv")) == 2
 
 

@@ -68,7 +68,7 @@ def in_package(graph, package):
 
 def test_the_graph_sees_imports():  # the checks below would pass on an empty graph
     graph = import_graph()
-    assert "tumorseg.inference" in graph["tumorseg.predict"] and "tumorseg.engine" in graph["tumorseg.train"]
+    assert "tumorseg.shipped" in graph["tumorseg.predict"] and "tumorseg.engine" in graph["tumorseg.train"]
     assert "tumorseg.engine" in graph["search.trainable"]  # a lazy import inside a function
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}, {"a", "b", "c", "d"}) == [["a", "b", "c", "a"]]
 

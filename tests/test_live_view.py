@@ -84,8 +84,13 @@ def test_closing_block_of_one_seed_has_no_spread_and_names_real_paths(tmp_path):
     assert "+-" not in text
     assert "trial_003: val dice 0.5000  (resize_px 64, lr 0.00123)" in text
     assert "test (best, 1 seed)  dice 0.4000  f1 0.4000" in text
-    assert f"python -m tumorseg.predict {tmp_path}/final/model.pt IMAGE.jpg" in text
+    assert f"python -m tumorseg.predict {tmp_path}/final/model.pt IMAGES_OR_FOLDER" in text  # no shipped ensemble
+    assert "tumorseg.export" not in text
     assert "python -m search.run --name my-run --storage /data/results --resume" in text
+    (tmp_path / "final" / "model").mkdir()  # the final stage's shipped model: predict and export take the run folder
+    text = closing_block(tmp_path, "my-run", "/data/results", best, summary, tmp_path / "report.html")
+    assert f"python -m tumorseg.predict {tmp_path} IMAGES_OR_FOLDER" in text
+    assert f"python -m tumorseg.export {tmp_path}" in text
 
 
 RAY_NOISE = ("Experiment state snapshotting", "Checkpoint successfully created", "Trial status:", "Configuration for experiment",

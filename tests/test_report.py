@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, run_cli
-from search.report import build_report, common_params, importances, rebuild_study
-from search.space import SearchSpace, applicable_params, distributions
+from search.report import build_report, common_params, importances
+from search.study import STATES
 
 ARTIFACTS = ROOT / "results" / "test-artifacts"
 
@@ -63,10 +63,14 @@ def test_report_when_every_trial_failed(finished_sweep, tmp_path):
     table = pd.read_csv(run_dir / "trials.csv")
     table["status"], table["failure_reason"] = "FAILED", "training loss became non-finite"
     table.to_csv(run_dir / "trials.csv", index=False)
+    (run_dir / "study.db").unlink()  # and the study says so too
+    study = optuna.create_study(study_name="six", storage=f"sqlite:///{run_dir / 'study.db'}")
+    for _ in range(len(table)):
+        study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
     proc = run_cli("-m", "search.report", str(run_dir), timeout=120)
     assert proc.returncode == 0, proc.stderr
     page = (run_dir / "report.html").read_text()
-    assert "Every trial failed (6)" in page and "Not enough scored trials" in page
+    assert "Every trial failed (6)" in page and "Not enough complete trials for importances (0 of 6" in page
     assert "training loss became non-finite" in page
 
 
@@ -85,25 +89,37 @@ def test_report_cli_bad_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_importances_are_optunas_on_the_same_trials(finished_sweep):
+def test_report_reads_importances_from_the_study_which_agrees_with_trials_csv(finished_sweep):
     run_dir, _ = finished_sweep
-    table = pd.read_csv(run_dir / "trials.csv")
-    space = SearchSpace.from_dict(json.loads((run_dir / "sweep.json").read_text())["space"])
-    ours = importances(rebuild_study(table, space))
-
-    direct = optuna.create_study(direction="maximize")  # built here, independently of the report
-    for row in table.to_dict("records"):
-        params = applicable_params(row)
-        direct.add_trial(optuna.trial.create_trial(params=params, distributions=distributions(space, params), value=row["best_val_dice"]))
-    params = common_params(direct)
-    expected = optuna.importance.get_param_importances(
-        direct, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=params)
-    assert ours["fANOVA"] == pytest.approx(expected)
-    expected_ped = optuna.importance.get_param_importances(
-        direct, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), params=params)
-    assert ours["PED-ANOVA"] == pytest.approx(expected_ped)
+    study = optuna.load_study(study_name="six", storage=f"sqlite:///{run_dir / 'study.db'}")
+    table = pd.read_csv(run_dir / "trials.csv", dtype={"trial_id": str})
+    # the plain export and the study: the same trials, states and values
+    in_study = sorted((t.user_attrs["tune_trial_id"], t.state.name, round(t.value, 12)) for t in study.trials)
+    in_csv = sorted((r.trial_id, STATES[r.status], round(r.best_val_dice, 12)) for r in table.itertuples())
+    assert in_study == in_csv
+    # Optuna's evaluators on that study (its 3 COMPLETE trials, one point evaluated three times), not on
+    # a study rebuilt from all six rows: PED-ANOVA cannot tell the parameters apart, fANOVA sees no variance
+    params = common_params(study)
+    expected_ped = optuna.importance.get_param_importances(study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(),
+                                                           params=params)
+    assert expected_ped == pytest.approx(dict.fromkeys(params, 1 / len(params)))
+    ours = importances(study)
+    assert ours["PED-ANOVA"] == pytest.approx(expected_ped) and "zero total variance" in ours["fANOVA"]["error"]
     page = (run_dir / "report.html").read_text()
-    assert "fANOVA: " + ", ".join(f"{k} {v:.3f}" for k, v in expected.items()) in page
+    assert "PED-ANOVA: " + ", ".join(f"{k} {v:.3f}" for k, v in expected_ped.items()) in page
+    assert "over its <b>3</b> COMPLETE trials" in page and "3 PRUNED (stopped by ASHA)" in page
+
+
+@pytest.mark.slow
+def test_report_of_a_run_folder_from_before_studies_says_so(finished_sweep, tmp_path):
+    run_dir = _copy(finished_sweep[0], tmp_path, "old")
+    (run_dir / "study.db").unlink()
+    sweep = json.loads((run_dir / "sweep.json").read_text())
+    del sweep["study"]
+    (run_dir / "sweep.json").write_text(json.dumps(sweep))
+    page = build_report(run_dir).read_text()
+    assert "No Optuna study: this run folder has no study.db (it was made before sweeps kept their Optuna study)" in page
+    assert "Learning curves" in page and "No trial has reported an epoch yet" not in page
 
 
 @pytest.mark.slow

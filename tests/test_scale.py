@@ -67,6 +67,48 @@ def test_windowed_sampler_shows_only_the_best_and_the_latest_trials():
     assert inner.seen[4] == {0, 1, 2, 3}  # trial 4: everything fits the window
 
 
+def test_windowed_sampler_finds_the_best_in_a_stored_study_told_through_another_connection(tmp_path):
+    """As in a sweep: StudySearch asks, StudyCallback tells through its own study object, so the
+    sampler never sees ``after_trial``; the best trials still come from the database."""
+    from search.sampler_window import WindowedSampler
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    inner = SeenTrials()
+    asking = optuna.create_study(study_name="s", storage=url, direction="maximize", sampler=WindowedSampler(inner, recent=5, best=2))
+    telling = optuna.load_study(study_name="s", storage=url)
+    for value in [0.1, 0.9, 0.2, 0.8, 0.3, 0.1, 0.2, 0.3, 0.1, 0.2, 0.1, 0.2]:
+        trial = asking.ask()
+        trial.suggest_float("x", 0, 1)
+        telling.tell(trial.number, value)
+    trial = asking.ask()
+    trial.suggest_float("x", 0, 1)
+    assert inner.seen[-1] == {1, 3, 8, 9, 10, 11}
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.parametrize("name", ["tpe", "gp", "random", "qmc"])
+def test_every_sampler_proposes_from_the_window_and_pickles_with_the_stored_study(tmp_path, name):
+    import pickle
+
+    from search.rundir import SweepSettings
+    from search.sampler_window import WindowedSampler
+    from search.space import SearchSpace
+    from search.tuner import HISTORY, METRIC, make_searcher, sampler_settings
+
+    settings = SweepSettings(name="w", num_samples=20, sampler=name, seed=0)
+    recorded = sampler_settings(settings)  # sweep.json's "sampler"
+    assert recorded["history"] == HISTORY == {"best": 32, "recent": 256}
+    searcher = make_searcher(settings, SearchSpace(), 2, f"sqlite:///{tmp_path / 'study.db'}")
+    sampler = searcher.searcher._sampler
+    assert isinstance(sampler, WindowedSampler) and type(sampler.sampler).__name__ == recorded["name"]
+    assert {"best": sampler.best, "recent": sampler.recent} == recorded["history"]
+    searcher.set_search_properties(METRIC, "max", {})
+    assert searcher.suggest("t0")
+    restored = pickle.loads(pickle.dumps(searcher))  # as Tune saves it with each snapshot
+    assert isinstance(restored.searcher._sampler, WindowedSampler) and restored.searcher._ot_study is not None
+    assert restored.suggest("t1")
+
+
 # ----------------------------------------------------------------------------- checkpoints of finished trials
 
 
@@ -101,6 +143,57 @@ def test_finished_trials_checkpoints_go_after_the_next_experiment_snapshot(tmp_p
     callback.on_experiment_end([])  # after Tune's final snapshot: everything finished goes
     assert sorted(p.name for p in b.rglob("*")) == ["result.json", "train"]
     assert callback.deleted == 6
+
+
+def test_a_resumed_trial_continues_from_the_oldest_newer_checkpoint_and_its_leftovers_go_when_it_finishes(tmp_path):
+    """Tune keeps 2 checkpoints: the snapshot named checkpoint 2; 3 and 4 were registered since (2 deleted
+    then), 5 may have been cut off by the kill. The trial continues from 3, numbers its next after 5, and
+    once it has finished every checkpoint folder goes, those Tune no longer tracks (4, 5) too."""
+    import json
+
+    from ray.tune import Checkpoint
+
+    from search.checkpoints import DeleteFinishedCheckpoints, continue_from_saved_checkpoint
+
+    trial_dir = tmp_path / "trial_000_a"
+    for index in (3, 4, 5):
+        (trial_dir / f"checkpoint_{index:06d}").mkdir(parents=True)
+        (trial_dir / f"checkpoint_{index:06d}" / "state.json").write_text("{}")
+    (trial_dir / "result.json").write_text("".join(json.dumps({"epoch": e, "checkpoint_dir_name": f"checkpoint_{e:06d}"}) + "\n"
+                                                   for e in (2, 3, 4, 5)))
+    manager = SimpleNamespace(_checkpoint_results=["named"], _latest_checkpoint_result="named")
+    trial = FakeTrial(name="trial_000", latest_checkpoint_result=SimpleNamespace(checkpoint=Checkpoint((trial_dir / "checkpoint_000002").as_uri())),
+                      run_metadata=SimpleNamespace(checkpoint_manager=manager, invalidate_cache=lambda: None),
+                      storage=SimpleNamespace(current_checkpoint_index=2), invalidate_json_state=lambda: None)
+    assert continue_from_saved_checkpoint(trial) == ("checkpoint_000002", "checkpoint_000003")
+    mended = manager._latest_checkpoint_result
+    assert manager._checkpoint_results == [mended] and mended.checkpoint.path.endswith("checkpoint_000003")
+    assert mended.metrics["epoch"] == 3 and trial.storage.current_checkpoint_index == 5
+    assert continue_from_saved_checkpoint(FakeTrial(name="t", latest_checkpoint_result=mended)) is None  # there: nothing to mend
+
+    (trial_dir / "checkpoint_000006").mkdir()
+    trial.checkpoint = Checkpoint((trial_dir / "checkpoint_000006").as_uri())  # it ran on and finished
+    callback = DeleteFinishedCheckpoints()
+    callback.on_trial_complete(0, [trial], trial)
+    callback.on_experiment_end([trial])
+    assert not list(trial_dir.glob("checkpoint_*")) and callback.deleted == 4
+
+
+def test_the_tuner_registers_both_checkpoint_callbacks(tmp_path):
+    import dataclasses
+
+    from search.rundir import SweepSettings
+    from search.space import SearchSpace
+    from search.tuner import make_tuner
+
+    settings = SweepSettings(name="c", num_samples=4, storage=str(tmp_path))
+
+    def names(keep: bool) -> list[str]:
+        tuner = make_tuner(dataclasses.replace(settings, keep_checkpoints=keep), SearchSpace(), lambda config: None, 2, [])
+        return [type(c).__name__ for c in tuner._local_tuner._run_config.callbacks]
+
+    assert names(keep=False) == ["ContinueFromSavedCheckpoint", "DeleteFinishedCheckpoints"]
+    assert names(keep=True) == ["ContinueFromSavedCheckpoint"]  # --keep-checkpoints
 
 
 # ----------------------------------------------------------------------------- trials.csv at a bounded rate
@@ -160,6 +253,27 @@ def test_report_of_many_trials_draws_a_few_traces_and_the_best_rows(many_trials)
     assert html.count("</tr>") == TABLE_ROWS + 1 and "every trial is in <code>trials.csv</code>" in html
     best = table.sort_values("best_val_dice", ascending=False)["trial_index"].iloc[0]
     assert f"<td>{best}</td>" in html
+
+
+def test_report_bounds_work_on_a_study_with_pruned_and_failed_trials():
+    """The sweep's study holds PRUNED (ASHA), FAIL and RUNNING trials beside COMPLETE ones: the parallel
+    coordinates' best-k study takes COMPLETE ones only."""
+    from search.report import best_trials_study
+
+    study = optuna.create_study(direction="maximize")
+    for i, state in enumerate(["COMPLETE", "PRUNED", "FAIL", "COMPLETE", "RUNNING", "COMPLETE", "PRUNED"]):
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        if state == "COMPLETE":
+            study.tell(trial, 0.1 * i)
+        elif state == "PRUNED":
+            trial.report(0.9, 1)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        elif state == "FAIL":
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    best = best_trials_study(study, 2)
+    assert [t.value for t in best.trials] == pytest.approx([0.5, 0.3]) and {t.state.name for t in best.trials} == {"COMPLETE"}
+    assert best_trials_study(study, 3) is study  # 3 COMPLETE trials: all of them
 
 
 # ----------------------------------------------------------------------------- the bench itself

@@ -1,8 +1,10 @@
 """The sweep: search space, CLI validation, debug mode, a real ASHA sweep, retrain, resume."""
 
 import dataclasses
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -107,6 +109,23 @@ def test_tpe_start_up_is_sized_to_the_sweep():
     small, large = sampler_settings(SweepSettings(name="a", num_samples=12)), sampler_settings(SweepSettings(name="b", num_samples=200))
     assert small["n_startup_trials"] == 3 and large["n_startup_trials"] == 10  # Optuna's default is 10 at any size
     assert small["constant_liar"] and small["multivariate"]
+
+
+def test_asha_defaults_reach_the_scheduler_and_narrow_the_warmup():
+    """The measured defaults (grace 1, rf 2, this epoch's Dice; README's ASHA yield table) and the flag."""
+    from search.cli import build_parser, settings_from_args
+    from search.tuner import make_scheduler
+
+    settings, space, _, notes = settings_from_args(build_parser().parse_args(["--epochs", "4", "--encoder-weights", "none"]))
+    scheduler = make_scheduler(settings)
+    rungs = sorted(epoch for epoch, _ in scheduler._brackets[0]._rungs)  # Ray keeps no grace period attribute
+    assert (rungs, scheduler._reduction_factor, scheduler._metric) == ([1, 2, 4], 2, "val_dice")
+    assert space.warmup_epochs_range == (0, 1) and "by the ASHA --grace-period 1" in notes[0]
+    args = build_parser().parse_args(["--epochs", "4", "--rung-metric", "best_val_dice", "--grace-period", "2",
+                                      "--encoder-weights", "none"])
+    scheduler = make_scheduler(settings_from_args(args)[0])
+    rungs = sorted(epoch for epoch, _ in scheduler._brackets[0]._rungs)
+    assert (rungs, scheduler._reduction_factor, scheduler._metric) == ([2, 4], 2, "best_val_dice")
 
 
 def test_trial_resources_come_from_the_clusters_nodes_not_the_driver():
@@ -237,19 +256,23 @@ def test_best_config_retrained_and_scored_once_on_test(finished_sweep):
     best = json.loads((run_dir / "best_config.json").read_text())
     assert best["best_val_dice"] == pytest.approx(table["best_val_dice"].max())
     final = json.loads((run_dir / "final" / "metrics.json").read_text())
+    assert final["epochs"] == {"trials": 3, "final": 1}  # --final-epochs, not the trials' --epochs
     for recipe in ("best", "seed_recipe"):
         assert set(final[recipe]["test"]) >= {"dice", "f1", "precision", "recall"}
-        assert final[recipe]["epochs"] == 3 and len(final[recipe]["seeds"]) == 1
-        assert (run_dir / "final" / recipe / "seed0" / "model.pt").is_file()
+        assert final[recipe]["epochs"] == 1 and len(final[recipe]["seeds"]) == 1
+        assert final[recipe]["runs"] == [f"{recipe}/{final[recipe]['key']}/seed0"]
+        assert (run_dir / "final" / final[recipe]["runs"][0] / "model.pt").is_file()
+        assert set(final[recipe]["ensemble_postprocessed"]["test"]) >= {"dice", "f1", "precision", "recall"}
     assert final["best"]["params"] == best["params"]
     assert any("resize_px 256 is not among [64]" in n for n in final["notes"])
-    for name in ("model.pt", "predictions.png", "overlay_best.png", "overlay_worst.png"):
+    for name in ("model.pt", "model/member0.pt", "postprocess.json", "predictions.png", "overlay_best.png", "overlay_worst.png"):
         assert (run_dir / "final" / name).is_file()
     assert (run_dir / "report.html").is_file()
-    # Ray's experiment folder holds one trial folder per trial, with at most one checkpoint each
+    # Ray's experiment folder holds one trial folder per trial; every trial finished, so none keeps a
+    # checkpoint (deleted after Tune's final snapshot, search.checkpoints.DeleteFinishedCheckpoints)
     trial_dirs = sorted((run_dir / "tune").glob("trial_*"))
     assert len(trial_dirs) == 6
-    assert all(len(list(d.glob("checkpoint_*"))) <= 1 for d in trial_dirs)
+    assert not any(list(d.glob("checkpoint_*")) for d in trial_dirs)
 
 
 @pytest.mark.slow
@@ -285,10 +308,33 @@ def _finished_trials(run_dir):
     return table[table["status"].isin(["COMPLETED", "STOPPED_EARLY"])]
 
 
+def _snapshot_checkpoints(run_dir) -> dict:
+    """Trial folder -> the checkpoint Tune's latest experiment snapshot names, for its unfinished trials
+    whose named checkpoint is there and not their last epoch's (Ray's own format, read as Ray reads it)."""
+    import pickle
+
+    snapshots = sorted((run_dir / "tune").glob("experiment_state-*.json"))
+    try:
+        state = json.loads(snapshots[-1].read_text()) if snapshots else {"trial_data": []}
+    except ValueError:  # being written
+        return {}
+    named = {}
+    for trial_json, metadata_json in state["trial_data"]:
+        trial, metadata = json.loads(trial_json), json.loads(metadata_json)
+        latest = pickle.loads(bytes.fromhex(metadata["checkpoint_manager"]["value"])).latest_checkpoint_result
+        if trial["status"] in ("RUNNING", "PENDING", "PAUSED") and latest is not None and os.path.isdir(latest.checkpoint.path) \
+                and metadata["last_result"].get("epoch", 0) < 3:
+            named[os.path.basename(os.path.dirname(latest.checkpoint.path))] = latest.checkpoint.path
+    return named
+
+
 @pytest.mark.slow
 def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_path):
     port = _free_port()
     args = sweep_args(paths, ray_tmp, "resumable", "--gpus", "2", "--num-samples", "6", "--epochs", "3", "--grace-period", "3")
+    mlflow = importlib.util.find_spec("mlflow") is not None
+    if mlflow:  # MLflow runs survive the kill too: no run and no epoch logged twice
+        args += ["--mlflow", str(tmp_path / "mlflow")]
     args[args.index("--no-dashboard")] = "--dashboard"
     args += ["--dashboard-port", str(port)]
     driver = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -297,8 +343,9 @@ def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_pat
     dashboard_ok = False
     try:
         deadline = time.monotonic() + 600
-        while len(_finished_trials(run_dir)) < 2:
-            assert driver.poll() is None and time.monotonic() < deadline, "sweep ended or hung before two trials finished"
+        while len(_finished_trials(run_dir)) < 2 or not _snapshot_checkpoints(run_dir):
+            assert driver.poll() is None and time.monotonic() < deadline, \
+                "sweep ended or hung before two trials finished and Tune saved another one's checkpoint"
             if not dashboard_ok:
                 try:  # the dashboard answers while the sweep runs
                     dashboard_ok = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200
@@ -309,6 +356,15 @@ def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_pat
         os.killpg(driver.pid, signal.SIGKILL)  # the whole driver process group, like a lost ssh session
         driver.wait()
     assert dashboard_ok
+    # the kill a moment after Tune registered a trial's next checkpoint and deleted the one its last
+    # snapshot names (CI hit this: the resumed trial ended ERROR); here made certain
+    trial_dir, named = next(iter(_snapshot_checkpoints(run_dir).items()))
+    index = int(named.rsplit("_", 1)[1])
+    newer = f"{named.rsplit('_', 1)[0]}_{index + 1:06d}"
+    if os.path.isdir(newer):  # Tune keeps 2 checkpoints: the next one may be there already
+        shutil.rmtree(named)
+    else:
+        os.rename(named, newer)
     before = _finished_trials(run_dir).set_index("trial_id")
     lines_before = {tid: (run_dir / "tune" / row["trial_dir"] / "result.json").read_text().count("\n") for tid, row in before.iterrows()}
 
@@ -317,10 +373,36 @@ def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_pat
     after = pd.read_csv(run_dir / "trials.csv")
     assert len(after) == 6 and after["trial_id"].is_unique  # nothing duplicated, nothing lost
     assert set(after["status"]) == {"COMPLETED"}
+    trial_name = "_".join(trial_dir.split("_")[:2])  # trial_003_<id> -> trial_003
+    assert f"{trial_name}: its saved checkpoint_{index:06d} was replaced" in proc.stderr
+    assert f"continues from checkpoint_{index + 1:06d}" in proc.stderr
     for tid, row in before.iterrows():  # finished trials were not rerun
         path = run_dir / "tune" / row["trial_dir"] / "result.json"
         assert path.read_text().count("\n") == lines_before[tid]
         assert after.set_index("trial_id").loc[tid, "best_val_dice"] == pytest.approx(row["best_val_dice"])
+    # the same study, continued: each trial of trials.csv once and COMPLETE; anything else a FAIL ghost
+    study = optuna.load_study(study_name="resumable", storage=f"sqlite:///{run_dir / 'study.db'}")
+    states = {t.user_attrs["tune_trial_id"]: t.state.name for t in study.trials}
+    ids = pd.read_csv(run_dir / "trials.csv", dtype={"trial_id": str})["trial_id"]
+    assert len(states) == len(study.trials) and {tid: states[tid] for tid in ids} == dict.fromkeys(ids, "COMPLETE")
+    assert set(states.values()) <= {"COMPLETE", "FAIL"}
+    if mlflow:
+        _check_mlflow_after_resume(run_dir, after)
+
+
+def _check_mlflow_after_resume(run_dir, table) -> None:
+    from search import tracking
+
+    info = json.loads((run_dir / "sweep.json").read_text())["mlflow"]  # recorded before the kill, reused
+    client = tracking.client(info["uri"])
+    assert len(client.search_runs([info["experiment_id"]], "attributes.run_name = 'resumable'")) == 1
+    children = client.search_runs([info["experiment_id"]], f"tags.mlflow.parentRunId = '{info['parent_run_id']}'")
+    assert sorted(r.data.tags[tracking.TRIAL_ID_TAG] for r in children) == sorted(table["trial_id"])
+    for run in children:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_dice")]
+        assert sorted(steps) == [1, 2, 3], (run.info.run_name, steps)
+        assert (run.info.status, run.data.tags[tracking.STATUS_TAG]) == ("FINISHED", "COMPLETED")
+    assert client.get_run(info["parent_run_id"]).info.status == "FINISHED"
 
 
 @pytest.mark.slow

@@ -16,6 +16,10 @@ see the same numbers:
   without a sigmoid per pixel. ``tumorseg.metrics`` uses the same function.
 - **Native size.** Logits are upsampled bilinearly to an image's native size (``to_native``)
   before thresholding wherever a native-resolution mask is wanted.
+- **Probabilities, ensembles, flip TTA** (the final stage and its post-processing,
+  ``tumorseg.postprocess``): ``predict_probabilities`` gives ``sigmoid(to_native(logits))``;
+  ``flip_tta`` averages it with the model's output on the horizontally flipped image, flipped back;
+  an ensemble is the mean of its members' probabilities (not of their logits).
 """
 
 from __future__ import annotations
@@ -104,3 +108,48 @@ def predict_masks(model: torch.nn.Module, images: np.ndarray, cfg: TrainConfig, 
     if native_hw is not None:
         logits = to_native(logits, native_hw)
     return mask_from_logits(logits, cfg.threshold)[:, 0].to(torch.uint8).cpu().numpy()
+
+
+
+def batch_probabilities(model: torch.nn.Module, images: np.ndarray, cfg: TrainConfig, native_hw=None) -> torch.Tensor:
+    """fp32 probabilities ``(B, H, W)`` of one batch at ``native_hw`` (None: training resolution)."""
+    logits = forward_logits(model, images, cfg)
+    return torch.sigmoid(to_native(logits, native_hw) if native_hw is not None else logits)[:, 0]
+
+
+@torch.no_grad()
+def mean_probabilities(models: list, images: np.ndarray, cfg: TrainConfig, native_hw=None) -> np.ndarray:
+    """float32 ``(N, H, W)``: the mean over ``models`` of each one's probabilities, in
+    ``cfg.eval_batch_size`` chunks (members are evaluated chunk by chunk: one output array)."""
+    models = list(models)
+    for model in models:
+        model.eval()
+    hw = tuple(native_hw) if native_hw is not None else tuple(images.shape[-2:])
+    out = np.empty((len(images), *hw), np.float32)
+    for start in range(0, len(images), cfg.eval_batch_size):
+        batch = images[start : start + cfg.eval_batch_size]
+        total = sum(batch_probabilities(m, batch, cfg, native_hw).cpu() for m in models)
+        out[start : start + len(batch)] = (total / len(models)).numpy()
+    return out
+
+
+def mirrored_probabilities(models: list, images: np.ndarray, cfg: TrainConfig, native_hw=None) -> np.ndarray:
+    """``mean_probabilities`` of the horizontally flipped images, flipped back."""
+    return np.ascontiguousarray(mean_probabilities(models, np.asarray(images)[..., ::-1], cfg, native_hw)[..., ::-1])
+
+
+def with_flip_tta(plain: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
+    """Flip TTA from the two halves: ``(plain + mirrored) / 2``, written over ``mirrored`` (no third array)."""
+    np.add(plain, mirrored, out=mirrored)
+    mirrored *= np.float32(0.5)
+    return mirrored
+
+
+def predict_probabilities(models: list, images: np.ndarray, cfg: TrainConfig, native_hw=None,
+                          flip_tta: bool = False) -> np.ndarray:
+    """float32 probabilities ``(N, H, W)`` of uint8 ``(N, [C,] S, S)`` images at ``native_hw``
+    (None: training resolution): the mean over ``models`` (an ensemble; one model is a list of one)
+    of each member's probabilities; ``flip_tta``: the mean of that on the image and on its
+    horizontal flip, flipped back (= every member's flip TTA, averaged)."""
+    plain = mean_probabilities(models, images, cfg, native_hw)
+    return with_flip_tta(plain, mirrored_probabilities(models, images, cfg, native_hw)) if flip_tta else plain

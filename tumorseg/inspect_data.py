@@ -23,21 +23,10 @@ import numpy as np
 
 from tumorseg.coco import rasterize
 from tumorseg.metrics import dice_per_image
+from tumorseg.postprocess import BOX_SHARE, component_stats
 from tumorseg.splits import SPLITS, case_of
 
-BOX_SHARE = 0.9
 AREA_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-
-
-def component_stats(mask: np.ndarray) -> tuple[int, int]:
-    """``(components, filled axis-aligned rectangles among them)`` of a {0,1} mask (8-connected)."""
-    from scipy import ndimage
-
-    labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
-    boxes = 0
-    for i, where in enumerate(ndimage.find_objects(labelled), start=1):
-        boxes += bool((labelled[where] == i).all())
-    return count, boxes
 
 
 def bounding_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
@@ -58,6 +47,21 @@ def box_counts(box, mask: np.ndarray) -> tuple[int, int, int]:
     return int((pred & truth).sum()), int((pred & ~truth).sum()), int((~pred & truth).sum())
 
 
+def train_mean_box(train_masks) -> tuple[float, float, float, float] | None:
+    """The mean bounding box (relative coordinates) of the non-empty training masks, or None."""
+    boxes = [b for m in train_masks if (b := bounding_box(m)) is not None]
+    return tuple(float(v) for v in np.mean(boxes, 0)) if boxes else None
+
+
+def baseline_counts(mean_box, test_masks: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-image ``(TP, FP, FN)`` on ``test_masks`` of the trivial baselines: all background, and
+    (when ``mean_box`` is not None) the training masks' mean box predicted on every image."""
+    counts = {"all_background": np.array([(0, 0, int(m.sum())) for m in test_masks], np.int64).reshape(-1, 3)}
+    if mean_box is not None:
+        counts["train_mean_box"] = np.array([box_counts(mean_box, m) for m in test_masks], np.int64).reshape(-1, 3)
+    return counts
+
+
 def summarize(dataset, masks: dict[str, list[np.ndarray]], duplicates: dict, size_px: int) -> dict:
     """Everything ``python -m tumorseg.data`` reports, as a JSON-able dict.
 
@@ -68,13 +72,8 @@ def summarize(dataset, masks: dict[str, list[np.ndarray]], duplicates: dict, siz
     samples = [s for split in SPLITS for s in dataset.splits[split]]
     areas = [float(m.mean()) for split in SPLITS for m in masks[split] if m.any()]
     components = np.array([component_stats(m) for split in SPLITS for m in masks[split]]).reshape(-1, 2).sum(0)
-    boxes = [b for m in masks["train"] if (b := bounding_box(m)) is not None]
-    mean_box = tuple(float(v) for v in np.mean(boxes, 0)) if boxes else None
-    test = masks["test"]
-    background = [(0, 0, int(m.sum())) for m in test]
-    baselines = {"all_background": float(dice_per_image(np.array(background)).mean())}
-    if mean_box is not None:
-        baselines["train_mean_box"] = float(dice_per_image(np.array([box_counts(mean_box, m) for m in test])).mean())
+    mean_box = train_mean_box(masks["train"])
+    baselines = {name: float(dice_per_image(c).mean()) for name, c in baseline_counts(mean_box, masks["test"]).items()}
     return {
         "dataset": dataset.info.to_dict(),
         "skipped_unlabelled": dataset.skipped_unlabelled,

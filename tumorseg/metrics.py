@@ -41,6 +41,14 @@ def confusion_counts(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.stack([tp, predicted - tp, true - tp], 1).long()
 
 
+def mask_counts(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per-image ``(TP, FP, FN)`` as int64 ``(N, 3)`` from {0, 1} numpy masks ``(N, H, W)``."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    axes = tuple(range(1, pred.ndim))
+    tp = np.count_nonzero(pred & truth, axis=axes)
+    return np.stack([tp, np.count_nonzero(pred, axis=axes) - tp, np.count_nonzero(truth, axis=axes) - tp], 1).astype(np.int64)
+
+
 def _ratio(num: np.ndarray, den: np.ndarray, empty: float) -> np.ndarray:
     num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
     return np.where(den > 0, num / np.where(den > 0, den, 1), empty)
@@ -62,6 +70,17 @@ def pooled_scores(counts: np.ndarray) -> dict[str, float]:
         "precision": float(_ratio(tp, tp + fp, 0.0)),
         "recall": float(_ratio(tp, tp + fn, 0.0)),
         "f1": float(_ratio(2 * tp, 2 * tp + fp + fn, 0.0)),
+    }
+
+
+def thresholded_scores(counts: np.ndarray) -> dict[str, float]:
+    """Every thresholded metric of a split from its per-image counts: ``dice``, ``iou`` (per image,
+    averaged) and the pooled ``precision``, ``recall``, ``f1``."""
+    counts = np.asarray(counts).reshape(-1, 3)
+    return {
+        "dice": float(dice_per_image(counts).mean()) if len(counts) else float("nan"),
+        "iou": float(iou_per_image(counts).mean()) if len(counts) else float("nan"),
+        **pooled_scores(counts),
     }
 
 
@@ -88,11 +107,8 @@ class SegmentationMeter:
         return np.concatenate(self.counts) if self.counts else np.zeros((0, 3), np.int64)
 
     def compute(self) -> dict[str, float]:
-        counts = self.per_image_counts
         inter, p_sum, t_sum = self.soft
         return {
-            "dice": float(dice_per_image(counts).mean()) if len(counts) else float("nan"),
-            "iou": float(iou_per_image(counts).mean()) if len(counts) else float("nan"),
-            **pooled_scores(counts),
+            **thresholded_scores(self.per_image_counts),
             "dice_loss": float(1.0 - _ratio(2 * inter, p_sum + t_sum, 1.0)),
         }
