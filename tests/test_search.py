@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -308,7 +309,7 @@ def _finished_trials(run_dir):
 
 def _snapshot_checkpoints(run_dir) -> dict:
     """Trial folder -> the checkpoint Tune's latest experiment snapshot names, for its unfinished trials
-    whose named checkpoint is there and not their last epoch's (Ray's own format, read as Ray reads it)."""
+    whose named checkpoint is their first epoch's (Ray's own format, read as Ray reads it)."""
     import pickle
 
     snapshots = sorted((run_dir / "tune").glob("experiment_state-*.json"))
@@ -321,7 +322,7 @@ def _snapshot_checkpoints(run_dir) -> dict:
         trial, metadata = json.loads(trial_json), json.loads(metadata_json)
         latest = pickle.loads(bytes.fromhex(metadata["checkpoint_manager"]["value"])).latest_checkpoint_result
         if trial["status"] in ("RUNNING", "PENDING", "PAUSED") and latest is not None and os.path.isdir(latest.checkpoint.path) \
-                and metadata["last_result"].get("epoch", 0) < 3:
+                and metadata["last_result"].get("epoch", 0) < 2:  # two epochs from its end: still unfinished at the kill
             named[os.path.basename(os.path.dirname(latest.checkpoint.path))] = latest.checkpoint.path
     return named
 
@@ -349,16 +350,22 @@ def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_pat
                     dashboard_ok = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200
                 except OSError:
                     pass
-            time.sleep(1)
+            time.sleep(0.2)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the whole driver process group, like a lost ssh session
         driver.wait()
     assert dashboard_ok
     # the kill a moment after Tune registered a trial's next checkpoint and deleted the one its last
     # snapshot names (CI hit this: the resumed trial ended ERROR); here made certain
-    trial_dir, named = next(iter(_snapshot_checkpoints(run_dir).items()))
+    candidates = _snapshot_checkpoints(run_dir)
+    assert candidates, "the last snapshot names no first-epoch checkpoint of an unfinished trial"
+    trial_dir, named = sorted(candidates.items())[0]
     index = int(named.rsplit("_", 1)[1])
-    os.rename(named, f"{named.rsplit('_', 1)[0]}_{index + 1:06d}")
+    following = f"{named.rsplit('_', 1)[0]}_{index + 1:06d}"
+    if os.path.isdir(following):  # the trial had written the next one, not yet registered: Tune would delete this one
+        shutil.rmtree(named)
+    else:
+        os.rename(named, following)
     before = _finished_trials(run_dir).set_index("trial_id")
     lines_before = {tid: (run_dir / "tune" / row["trial_dir"] / "result.json").read_text().count("\n") for tid, row in before.iterrows()}
 
@@ -397,6 +404,22 @@ def _check_mlflow_after_resume(run_dir, table) -> None:
         assert sorted(steps) == [1, 2, 3], (run.info.run_name, steps)
         assert (run.info.status, run.data.tags[tracking.STATUS_TAG]) == ("FINISHED", "COMPLETED")
     assert client.get_run(info["parent_run_id"]).info.status == "FINISHED"
+
+
+def test_a_trial_resumed_from_its_last_epoch_reports_that_epoch_again(paths):
+    """A driver killed after a trial's last report but before Tune saw it end: the restored trial has
+    nothing left to train and must still give Tune a final result (or Tune stops the whole sweep)."""
+    from search.trainable import load_search_data, run_trial
+
+    params = {"resize_px": 64, "loss_type": "dice", "lr": 1e-3, "warmup_epochs": 0, "weight_decay": 0.01}
+    base = {"epochs": 1, "encoder_weights": "none", "num_workers": 0, "batch_size": 8}
+    data, first, again = load_search_data(paths["data"], [64]), [], []
+    run_trial(params, base=base, data=data, report=lambda m, c: first.append((m, c())))
+    (metrics, state), = first
+    run_trial(params, base=base, data=data, restore_state=state, report=lambda m, c: again.append((m, c)))
+    (resumed, checkpoint), = again
+    assert checkpoint is None and resumed["resumed_from_epoch"] == 1
+    assert {k: resumed[k] for k in ("epoch", "val_dice", "best_val_dice")} == {k: metrics[k] for k in ("epoch", "val_dice", "best_val_dice")}
 
 
 @pytest.mark.slow
