@@ -22,7 +22,7 @@ import sys
 
 from ray.tune import Callback
 
-from search.trainable import STATE_FILE
+from search.trainable import STATE_FILE, restored_state
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)$")  # Tune's checkpoint folders in a trial's folder
 RESULT_FILE = "result.json"  # Tune's per-trial results, one JSON line per report
@@ -71,6 +71,12 @@ def reported_metrics(filesystem, trial_path: str, checkpoint_name: str) -> dict:
     return {}
 
 
+def _last_epoch_of(checkpoint) -> dict:
+    """The metrics of the last epoch a checkpoint's state holds ({} if it holds none)."""
+    history = (restored_state(checkpoint) or {}).get("history") or []
+    return dict(history[-1]) if history else {}
+
+
 def continue_from_saved_checkpoint(trial) -> tuple[str, str] | None:
     """Point a restored Tune trial whose checkpoint is gone at the next one on storage.
 
@@ -92,11 +98,12 @@ def continue_from_saved_checkpoint(trial) -> tuple[str, str] | None:
     newer = [path for index, path in saved if index > missing_index and holds_state(filesystem, path)]
     if not newer:
         return None
-    name = posixpath.basename(newer[0])
-    # result.json reaches the storage with the snapshot, so it rarely has the newer line: then the
-    # named checkpoint's metrics (Tune restores the iteration count and last result from them)
-    metrics = reported_metrics(filesystem, trial_path, name) or dict(latest.metrics or {})
-    mended = _TrainingResult(checkpoint=Checkpoint(newer[0], filesystem), metrics=metrics)
+    name, checkpoint = posixpath.basename(newer[0]), Checkpoint(newer[0], filesystem)
+    # Tune restores the trial's last result from these metrics, and a trial resumed after its last
+    # epoch trains no more and ends with them: the line reported with that checkpoint, or (result.json
+    # reaches the storage with the snapshot, so it may lack it) the epoch the state itself ends at
+    metrics = reported_metrics(filesystem, trial_path, name) or _last_epoch_of(checkpoint) or dict(latest.metrics or {})
+    mended = _TrainingResult(checkpoint=checkpoint, metrics=metrics)
     manager = trial.run_metadata.checkpoint_manager
     manager._checkpoint_results = [mended]
     manager._latest_checkpoint_result = mended

@@ -84,11 +84,6 @@ def run_trial(
     last_epoch = restore_state["epoch"] if restore_state else 0
     if restore_state:
         extra["resumed_from_epoch"] = last_epoch
-        if last_epoch >= cfg.epochs and restore_state["history"]:
-            # resumed from its last epoch's checkpoint (the driver stopped before Tune saw the trial
-            # end): nothing left to train, so say again how it ended; Tune needs a final result
-            report({**restore_state["history"][-1], **extra}, None)
-            return
 
     def on_epoch(metrics: dict, state_fn) -> None:
         nonlocal last_epoch

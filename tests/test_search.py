@@ -406,20 +406,42 @@ def _check_mlflow_after_resume(run_dir, table) -> None:
     assert client.get_run(info["parent_run_id"]).info.status == "FINISHED"
 
 
-def test_a_trial_resumed_from_its_last_epoch_reports_that_epoch_again(paths):
-    """A driver killed after a trial's last report but before Tune saw it end: the restored trial has
-    nothing left to train and must still give Tune a final result (or Tune stops the whole sweep)."""
-    from search.trainable import load_search_data, run_trial
+def test_resume_repair_takes_the_next_checkpoint_and_the_epoch_its_state_ends_at(tmp_path):
+    """Tune's snapshot names checkpoint_000001, deleted since; 000002 (complete) and 000003 (cut off by
+    the kill: no state file) are on disk. The trial continues from 000002 with that state's last epoch
+    as its last result (result.json reaches the storage later, so it has no line for it), and its next
+    checkpoint is numbered after every folder there."""
+    from types import SimpleNamespace
 
-    params = {"resize_px": 64, "loss_type": "dice", "lr": 1e-3, "warmup_epochs": 0, "weight_decay": 0.01}
-    base = {"epochs": 1, "encoder_weights": "none", "num_workers": 0, "batch_size": 8}
-    data, first, again = load_search_data(paths["data"], [64]), [], []
-    run_trial(params, base=base, data=data, report=lambda m, c: first.append((m, c())))
-    (metrics, state), = first
-    run_trial(params, base=base, data=data, restore_state=state, report=lambda m, c: again.append((m, c)))
-    (resumed, checkpoint), = again
-    assert checkpoint is None and resumed["resumed_from_epoch"] == 1
-    assert {k: resumed[k] for k in ("epoch", "val_dice", "best_val_dice")} == {k: metrics[k] for k in ("epoch", "val_dice", "best_val_dice")}
+    import pyarrow.fs
+    import torch
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import Checkpoint
+
+    from search.checkpoints import continue_from_saved_checkpoint
+    from search.trainable import STATE_FILE
+
+    trial_dir = tmp_path / "trial_000_abc"
+    (trial_dir / "checkpoint_000002").mkdir(parents=True)
+    (trial_dir / "checkpoint_000003").mkdir()
+    torch.save({"epoch": 3, "history": [{"epoch": 2, "val_dice": 0.4}, {"epoch": 3, "val_dice": 0.5, "best_val_dice": 0.5}]},
+               trial_dir / "checkpoint_000002" / STATE_FILE)
+    (trial_dir / "result.json").write_text(json.dumps({"epoch": 2, "checkpoint_dir_name": "checkpoint_000001"}) + "\n")
+    filesystem = pyarrow.fs.LocalFileSystem()
+    named = _TrainingResult(checkpoint=Checkpoint(str(trial_dir / "checkpoint_000001"), filesystem), metrics={"epoch": 2})
+    manager = SimpleNamespace(_checkpoint_results=[named], _latest_checkpoint_result=named)
+    calls = []
+    trial = SimpleNamespace(latest_checkpoint_result=named, run_metadata=SimpleNamespace(
+        checkpoint_manager=manager, invalidate_cache=lambda: calls.append("metadata")),
+        storage=SimpleNamespace(current_checkpoint_index=1), invalidate_json_state=lambda: calls.append("trial"))
+
+    assert continue_from_saved_checkpoint(trial) == ("checkpoint_000001", "checkpoint_000002")
+    mended = manager._latest_checkpoint_result
+    assert manager._checkpoint_results == [mended] and mended.checkpoint.path == str(trial_dir / "checkpoint_000002")
+    assert mended.metrics == {"epoch": 3, "val_dice": 0.5, "best_val_dice": 0.5}
+    assert trial.storage.current_checkpoint_index == 3 and sorted(calls) == ["metadata", "trial"]
+    trial.latest_checkpoint_result = mended
+    assert continue_from_saved_checkpoint(trial) is None  # nothing left to mend
 
 
 @pytest.mark.slow
