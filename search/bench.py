@@ -146,7 +146,8 @@ def early_stopping_yield(data: Path, out: Path, n: int, epochs: int, resize: int
     for label, grace in (("asha", 1), ("full", epochs)):
         name = f"yield-{label}-{int(time.time())}"
         args = ["-m", "search.run", "--data", str(data), "--storage", str(out), "--name", name, "--num-samples", str(n),
-                "--epochs", str(epochs), "--grace-period", str(grace), "--reduction-factor", "3", "--points", str(points_file),
+                "--epochs", str(epochs), "--grace-period", str(grace), "--reduction-factor", "3", "--rung-metric", "best_val_dice",
+                "--points", str(points_file),
                 "--resize-choices", str(resize), "--lr-range", "3e-4,1e-2", "--encoder-weights", "none",
                 "--no-dashboard", "--no-retrain", "--num-workers", "0", "--seed", str(seed)]
         wall, _ = _run(args)

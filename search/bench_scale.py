@@ -87,7 +87,7 @@ def sleep_trial(params: dict, *, base: dict, data, report, restore_state: dict |
                    "lr": params["lr"], "slept_s": slept, "first_step_ts": started,
                    "train_images_per_s": 16 / slept if slept else 0.0}
         state = {"epoch": epoch, "best_val_dice": best, "padding": "0" * (checkpoint_kb * 1024)}
-        report({**metrics, **extra}, (lambda state=state: state) if epoch < base["epochs"] else None)  # as run_trial
+        report({**metrics, **extra}, lambda state=state: state)  # as run_trial
 
 
 def save_json_state(state: dict, directory) -> None:

@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ray.tune import Callback
 
-from search.trainable import TRAIN_DIR
+from search.trainable import STATE_FILE, TRAIN_DIR, restored_state
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint_"  # Tune's checkpoint folders in a trial's folder (and partial ones)
@@ -58,6 +58,14 @@ def checkpoint_index(path: str) -> int | None:
     """The index in a ``checkpoint_000007`` folder's name (None: not a checkpoint folder)."""
     match = CHECKPOINT_NAME.match(posixpath.basename(path.rstrip("/")))
     return int(match.group(1)) if match else None
+
+
+def holds_state(filesystem, checkpoint_path: str) -> bool:
+    """Whether a checkpoint folder still holds the trial's state (a deletion cut off by the kill can
+    leave the folder, or an object store's directory marker, without it)."""
+    from pyarrow.fs import FileType
+
+    return filesystem.get_file_info(posixpath.join(checkpoint_path, STATE_FILE)).type == FileType.File
 
 
 def saved_checkpoints(filesystem, trial_path: str) -> list[tuple[int, str]]:
@@ -89,13 +97,18 @@ def reported_metrics(filesystem, trial_path: str, checkpoint_name: str) -> dict:
     return {}
 
 
+def _last_epoch_of(checkpoint) -> dict:
+    """The metrics of the last epoch a checkpoint's state holds ({} if it holds none)."""
+    history = (restored_state(checkpoint) or {}).get("history") or []
+    return dict(history[-1]) if history else {}
+
+
 def continue_from_saved_checkpoint(trial) -> tuple[str, str] | None:
     """Point a restored Tune trial whose checkpoint is gone at the next one on storage.
 
     Returns the (missing, used) folder names, or None when nothing needed mending (or nothing could).
     Ray has no public way to do this; the fields set are those ``Trial.on_checkpoint`` sets.
     """
-    from pyarrow.fs import FileType
     from ray.train._internal.session import _TrainingResult
     from ray.tune import Checkpoint
 
@@ -104,16 +117,19 @@ def continue_from_saved_checkpoint(trial) -> tuple[str, str] | None:
         return None
     filesystem, missing = latest.checkpoint.filesystem, latest.checkpoint.path.rstrip("/")
     missing_index = checkpoint_index(missing)
-    if missing_index is None or filesystem.get_file_info(missing).type != FileType.NotFound:
+    if missing_index is None or holds_state(filesystem, missing):
         return None
     trial_path = posixpath.dirname(missing)
     saved = saved_checkpoints(filesystem, trial_path)
-    newer = [path for index, path in saved if index > missing_index]
+    newer = [path for index, path in saved if index > missing_index and holds_state(filesystem, path)]
     if not newer:
         return None
-    name = posixpath.basename(newer[0])
-    mended = _TrainingResult(checkpoint=Checkpoint(newer[0], filesystem),
-                             metrics=reported_metrics(filesystem, trial_path, name))
+    name, checkpoint = posixpath.basename(newer[0]), Checkpoint(newer[0], filesystem)
+    # Tune restores the trial's last result from these metrics, and a trial resumed after its last
+    # epoch trains no more and ends with them: the line reported with that checkpoint, or (result.json
+    # reaches the storage with the snapshot, so it may lack it) the epoch the state itself ends at
+    metrics = reported_metrics(filesystem, trial_path, name) or _last_epoch_of(checkpoint) or dict(latest.metrics or {})
+    mended = _TrainingResult(checkpoint=checkpoint, metrics=metrics)
     manager = trial.run_metadata.checkpoint_manager
     manager._checkpoint_results = [mended]
     manager._latest_checkpoint_result = mended
@@ -131,7 +147,7 @@ class ContinueFromSavedCheckpoint(Callback):
     def __init__(self):
         self._checked = False
 
-    def __getstate__(self):  # Tune pickles callbacks with each snapshot: every driver checks once
+    def __getstate__(self):  # pickled in tuner.pkl and unpickled on --resume: every driver checks once
         return {}
 
     def __setstate__(self, state):

@@ -185,7 +185,8 @@ def load_sweep(run_dir: Path) -> tuple[SweepSettings, SearchSpace, dict, dict]:
     """``(settings, space, base config, the whole sweep.json)`` of the sweep in ``run_dir``."""
     payload = read_sweep_json(run_dir)
     known = {f.name for f in dataclasses.fields(SweepSettings)}
-    settings = SweepSettings(**{k: v for k, v in payload["settings"].items() if k in known})
+    saved = {"rung_metric": "best_val_dice", **payload["settings"]}  # sweeps from before --rung-metric
+    settings = SweepSettings(**{k: v for k, v in saved.items() if k in known})
     if not is_uri(settings.storage):
         settings.storage = str(Path(run_dir).resolve().parent)  # the folder may have moved
     settings.name = Path(run_dir).resolve().name

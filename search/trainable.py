@@ -95,8 +95,7 @@ def run_trial(
     def on_epoch(metrics: dict, state_fn) -> None:
         nonlocal last_epoch
         last_epoch = metrics["epoch"]
-        # the last epoch's state would never be read: the trial is finished (its checkpoints go)
-        report({**metrics, **extra}, state_fn if last_epoch < cfg.epochs else None)
+        report({**metrics, **extra}, state_fn)
 
     try:
         train(cfg, data[cfg.resize_px], on_epoch, resume_state=restore_state, encoder_state=encoder_state, log=log, progress=progress)
@@ -130,14 +129,18 @@ def restored_state(checkpoint, load=load_state) -> dict | None:
 
 
 def checkpointing_report(report_fn, checkpoint_cls, may_checkpoint: bool = True, save=save_state,
-                         cost_share: float = CHECKPOINT_COST_SHARE, clock=time.perf_counter) -> Report:
+                         cost_share: float = CHECKPOINT_COST_SHARE, clock=time.perf_counter,
+                         final_epoch: int | None = None) -> Report:
     """A ``Report`` over Ray's ``report_fn`` that saves the state (``save(state, directory)``) as a
     ``checkpoint_cls`` when asked and when it is due.
 
     Due: the first time, then once the time since the last checkpoint is at least its cost (save,
     plus Tune copying it into the storage) / ``cost_share``, so checkpoints take at most about that
     share of a trial's time. With minutes-long epochs that is every epoch; with epochs of a few
-    seconds and a 165 MB state, every few epochs (a crash then repeats those few). A checkpointed
+    seconds and a 165 MB state, every few epochs (a crash then repeats those few). Always at
+    ``final_epoch``: a trial that ends before Tune's next snapshot of the experiment records it
+    finished is restored by ``--resume`` from that checkpoint and trains nothing again (its
+    checkpoints are deleted once a snapshot records it, ``search.checkpoints``). A checkpointed
     report carries ``checkpoint_s``. ``may_checkpoint=False`` (a non-zero rank) only reports,
     never building the state.
     """
@@ -145,7 +148,8 @@ def checkpointing_report(report_fn, checkpoint_cls, may_checkpoint: bool = True,
 
     def report(metrics: dict, checkpoint_fn) -> None:
         started = clock()
-        due = last["end"] is None or started - last["end"] >= last["cost_s"] / cost_share
+        due = (last["end"] is None or started - last["end"] >= last["cost_s"] / cost_share
+               or metrics.get("epoch") == final_epoch)
         if checkpoint_fn is None or not may_checkpoint or not due:
             report_fn(metrics)
             return
@@ -183,7 +187,7 @@ def tune_trainable(params: dict, *, base: dict, data_ref, encoder_states=None, t
         _run_train_workers(params, base, data_ref, encoder_states, threads, workers, extra, train_storage)
         return
     extra.update(_placement())
-    report = checkpointing_report(tune.report, tune.Checkpoint, save=save or save_state)
+    report = checkpointing_report(tune.report, tune.Checkpoint, save=save or save_state, final_epoch=base.get("epochs"))
     (run or run_trial)(params, base=base, data=trial_data(data_ref, params.get("resize_px")), report=report, threads=threads,
                        restore_state=restored_state(tune.get_checkpoint(), load or load_state), encoder_states=encoder_states,
                        extra=extra)
@@ -251,7 +255,8 @@ def train_worker(config: dict) -> None:
     context = train.get_context()
     extra = {**config["extra"], **_placement(), "world_size": context.get_world_size()}
     # every rank reports (a collective); rank 0 alone builds and hands over the checkpoint
-    report = checkpointing_report(train.report, train.Checkpoint, may_checkpoint=context.get_world_rank() == 0)
+    report = checkpointing_report(train.report, train.Checkpoint, may_checkpoint=context.get_world_rank() == 0,
+                                  final_epoch=config["base"].get("epochs"))
     run_trial(config["params"], base=config["base"], data=trial_data(config["data_ref"], config["params"].get("resize_px")), report=report,
               restore_state=restored_state(train.get_checkpoint()), encoder_states=config["encoder_states"], extra=extra,
               threads=round(config["threads"]))

@@ -307,11 +307,12 @@ def test_checkpoints_are_written_when_their_cost_is_a_small_share_of_the_time_si
 
     checkpoint_cls = SimpleNamespace(from_directory=lambda directory: "checkpoint")
     report = checkpointing_report(lambda metrics, checkpoint=None: reports.append((metrics["epoch"], checkpoint)),
-                                  checkpoint_cls, save=save, cost_share=0.5, clock=lambda: now[0])
-    for epoch, at in ((1, 0.0), (2, 2.0), (3, 3.0), (4, 4.5), (5, 6.0)):
+                                  checkpoint_cls, save=save, cost_share=0.5, clock=lambda: now[0], final_epoch=7)
+    for epoch, at in ((1, 0.0), (2, 2.0), (3, 3.0), (4, 4.5), (5, 6.0), (6, 7.5), (7, 8.0)):
         now[0] = at
         report({"epoch": epoch}, lambda: {"epoch": epoch})
-    # a checkpoint costs 1 s: due again once 1 / 0.5 = 2 s have passed since the last one ended
-    assert reports == [(1, "checkpoint"), (2, None), (3, "checkpoint"), (4, None), (5, "checkpoint")]
-    report({"epoch": 6}, None)  # nothing to save (a finished trial's last epoch)
-    assert reports[-1] == (6, None)
+    # a checkpoint costs 1 s: due again once 1 / 0.5 = 2 s have passed since the last one ended;
+    # the final epoch's always (a finished trial resumed before Tune's snapshot trains nothing again)
+    assert reports == [(1, "checkpoint"), (2, None), (3, "checkpoint"), (4, None), (5, "checkpoint"), (6, None), (7, "checkpoint")]
+    report({"epoch": 8}, None)  # nothing to save (a failed trial's report)
+    assert reports[-1] == (8, None)

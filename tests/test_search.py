@@ -310,7 +310,7 @@ def _finished_trials(run_dir):
 
 def _snapshot_checkpoints(run_dir) -> dict:
     """Trial folder -> the checkpoint Tune's latest experiment snapshot names, for its unfinished trials
-    whose named checkpoint is there and not their last epoch's (Ray's own format, read as Ray reads it)."""
+    whose named checkpoint is their first epoch's (Ray's own format, read as Ray reads it)."""
     import pickle
 
     snapshots = sorted((run_dir / "tune").glob("experiment_state-*.json"))
@@ -323,7 +323,7 @@ def _snapshot_checkpoints(run_dir) -> dict:
         trial, metadata = json.loads(trial_json), json.loads(metadata_json)
         latest = pickle.loads(bytes.fromhex(metadata["checkpoint_manager"]["value"])).latest_checkpoint_result
         if trial["status"] in ("RUNNING", "PENDING", "PAUSED") and latest is not None and os.path.isdir(latest.checkpoint.path) \
-                and metadata["last_result"].get("epoch", 0) < 3:
+                and metadata["last_result"].get("epoch", 0) < 2:  # two epochs from its end: still unfinished at the kill
             named[os.path.basename(os.path.dirname(latest.checkpoint.path))] = latest.checkpoint.path
     return named
 
@@ -351,20 +351,22 @@ def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_pat
                     dashboard_ok = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200
                 except OSError:
                     pass
-            time.sleep(1)
+            time.sleep(0.2)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the whole driver process group, like a lost ssh session
         driver.wait()
     assert dashboard_ok
     # the kill a moment after Tune registered a trial's next checkpoint and deleted the one its last
     # snapshot names (CI hit this: the resumed trial ended ERROR); here made certain
-    trial_dir, named = next(iter(_snapshot_checkpoints(run_dir).items()))
+    candidates = _snapshot_checkpoints(run_dir)
+    assert candidates, "the last snapshot names no first-epoch checkpoint of an unfinished trial"
+    trial_dir, named = sorted(candidates.items())[0]
     index = int(named.rsplit("_", 1)[1])
-    newer = f"{named.rsplit('_', 1)[0]}_{index + 1:06d}"
-    if os.path.isdir(newer):  # Tune keeps 2 checkpoints: the next one may be there already
+    following = f"{named.rsplit('_', 1)[0]}_{index + 1:06d}"
+    if os.path.isdir(following):  # the trial had written the next one, not yet registered: Tune would delete this one
         shutil.rmtree(named)
     else:
-        os.rename(named, newer)
+        os.rename(named, following)
     before = _finished_trials(run_dir).set_index("trial_id")
     lines_before = {tid: (run_dir / "tune" / row["trial_dir"] / "result.json").read_text().count("\n") for tid, row in before.iterrows()}
 
@@ -403,6 +405,44 @@ def _check_mlflow_after_resume(run_dir, table) -> None:
         assert sorted(steps) == [1, 2, 3], (run.info.run_name, steps)
         assert (run.info.status, run.data.tags[tracking.STATUS_TAG]) == ("FINISHED", "COMPLETED")
     assert client.get_run(info["parent_run_id"]).info.status == "FINISHED"
+
+
+def test_resume_repair_takes_the_next_checkpoint_and_the_epoch_its_state_ends_at(tmp_path):
+    """Tune's snapshot names checkpoint_000001, deleted since; 000002 (complete) and 000003 (cut off by
+    the kill: no state file) are on disk. The trial continues from 000002 with that state's last epoch
+    as its last result (result.json reaches the storage later, so it has no line for it), and its next
+    checkpoint is numbered after every folder there."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+    import torch
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import Checkpoint
+
+    from search.checkpoints import continue_from_saved_checkpoint
+    from search.trainable import STATE_FILE
+
+    trial_dir = tmp_path / "trial_000_abc"
+    (trial_dir / "checkpoint_000002").mkdir(parents=True)
+    (trial_dir / "checkpoint_000003").mkdir()
+    torch.save({"epoch": 3, "history": [{"epoch": 2, "val_dice": 0.4}, {"epoch": 3, "val_dice": 0.5, "best_val_dice": 0.5}]},
+               trial_dir / "checkpoint_000002" / STATE_FILE)
+    (trial_dir / "result.json").write_text(json.dumps({"epoch": 2, "checkpoint_dir_name": "checkpoint_000001"}) + "\n")
+    filesystem = pyarrow.fs.LocalFileSystem()
+    named = _TrainingResult(checkpoint=Checkpoint(str(trial_dir / "checkpoint_000001"), filesystem), metrics={"epoch": 2})
+    manager = SimpleNamespace(_checkpoint_results=[named], _latest_checkpoint_result=named)
+    calls = []
+    trial = SimpleNamespace(latest_checkpoint_result=named, run_metadata=SimpleNamespace(
+        checkpoint_manager=manager, invalidate_cache=lambda: calls.append("metadata")),
+        storage=SimpleNamespace(current_checkpoint_index=1), invalidate_json_state=lambda: calls.append("trial"))
+
+    assert continue_from_saved_checkpoint(trial) == ("checkpoint_000001", "checkpoint_000002")
+    mended = manager._latest_checkpoint_result
+    assert manager._checkpoint_results == [mended] and mended.checkpoint.path == str(trial_dir / "checkpoint_000002")
+    assert mended.metrics == {"epoch": 3, "val_dice": 0.5, "best_val_dice": 0.5}
+    assert trial.storage.current_checkpoint_index == 3 and sorted(calls) == ["metadata", "trial"]
+    trial.latest_checkpoint_result = mended
+    assert continue_from_saved_checkpoint(trial) is None  # nothing left to mend
 
 
 @pytest.mark.slow

@@ -110,10 +110,11 @@ def _searcher(url, name="sweep"):
 
 
 def test_resume_fails_only_the_study_trials_the_restored_experiment_does_not_hold(tmp_path):
-    """Tune writes its experiment snapshot, then the searcher's, then its search generator's; a driver
-    killed between them leaves the searcher a trial ahead of the experiment (what CI once hit: t3
-    below was live for the searcher, unknown to Tune, and stayed RUNNING for ever). So the ghosts are
-    decided from the trials Tune restored, on the first step, before any new trial is asked for."""
+    """Tune's experiment snapshot, the searcher's and the search generator's are separate files,
+    written and then copied to the storage one after another; a driver killed part way can leave the
+    searcher's a trial ahead of the experiment's (what CI once hit: t3 below was live for the
+    searcher, unknown to Tune, and stayed RUNNING for ever). So the ghosts are decided from the
+    trials Tune restored, on the first step, before any new trial is asked for."""
     from types import SimpleNamespace
 
     from search.studysearch import StudyCallback
