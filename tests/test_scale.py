@@ -154,11 +154,12 @@ def test_a_resumed_trial_continues_from_the_oldest_newer_checkpoint_and_its_left
     from ray.tune import Checkpoint
 
     from search.checkpoints import DeleteFinishedCheckpoints, continue_from_saved_checkpoint
+    from search.trainable import STATE_FILE
 
     trial_dir = tmp_path / "trial_000_a"
     for index in (3, 4, 5):
         (trial_dir / f"checkpoint_{index:06d}").mkdir(parents=True)
-        (trial_dir / f"checkpoint_{index:06d}" / "state.json").write_text("{}")
+        (trial_dir / f"checkpoint_{index:06d}" / STATE_FILE).write_bytes(b"")  # held: its result.json line gives the metrics
     (trial_dir / "result.json").write_text("".join(json.dumps({"epoch": e, "checkpoint_dir_name": f"checkpoint_{e:06d}"}) + "\n"
                                                    for e in (2, 3, 4, 5)))
     manager = SimpleNamespace(_checkpoint_results=["named"], _latest_checkpoint_result="named")
