@@ -1,32 +1,33 @@
-"""The searcher's history, bounded: any Optuna sampler sees the best and the latest trials, not all of them.
+"""The searcher's history, bounded: TPE and GP see the best, the latest and the running trials, not all.
 
 Optuna's TPE reads every trial of the study on every proposal (Parzen estimators over all of them,
 and ``group=True`` re-derives the groups from all of them), so a proposal costs time in proportion
 to the trials so far and a sweep in proportion to their square: measured by
-``python -m search.bench --scale`` on 2 shared cores, about 3 ms per proposal at 100 trials and
-80 ms at 2,000 (all proposals of a 2,000-trial sweep: ~90 s of driver CPU).
+``python -m search.bench --scale --searcher-only`` on 2 shared cores, about 6 ms per proposal at
+100 trials and 58 ms at 2,000 without the window, 15 ms with it.
 
-``WindowedSampler`` gives the sampler a view of the study that holds the ``best`` highest-valued
-finished trials, the ``recent`` latest trials (which include the ones still running, for the
-constant liar) and nothing else. TPE's "good" set is at most the top 25 trials (its default gamma),
-all of them in the view, and its default weights already fade out all but the latest 25 of the rest,
-so the view changes what TPE models little while its cost stops growing. With fewer trials than the
-window the sampler sees the whole study: small sweeps propose exactly what they did without it.
-GP is bounded the same way (its Gaussian process over all COMPLETE trials costs more per trial than
-TPE); random and QMC fit no model to the history, so for them the window changes next to nothing.
+``WindowedSampler`` gives the sampler a view of the study that holds the ``best`` trials as TPE
+ranks them (COMPLETE by value, then PRUNED by the last epoch reached and its value: with ASHA most
+trials are PRUNED, and one stopped late may be among the best), the ``recent`` latest trials, every
+trial still RUNNING (the constant liar's; an ASHA survivor can outlive hundreds of newer starts),
+and nothing else. TPE's "good" set is at most its top 25 (default gamma), all in the view; what the
+view leaves out are older middling and poor trials, which shape TPE's "bad" density (down-weighted
+by age already by its default weights) and GP's fit. With fewer trials than the window the
+sampler sees the whole study: small sweeps propose exactly what they did without it. Random and
+QMC fit no model to the history and are not wrapped (``search.tuner.WINDOWED``).
 
-The best trials are read from the study (its COMPLETE trials, once per proposal), not from the
-sampler's ``after_trial``: in a sweep the study is told by ``search.studysearch.StudyCallback``
-through its own connection to the database, so this sampler never sees the tell. ASHA's stops are
-PRUNED, not COMPLETE: they are in the view while recent, and TPE ranks every COMPLETE trial above
-them anyway. The view works on any storage: it filters what ``study.get_trials`` /
-``study._get_trials`` return (an ``RDBStorage`` study's included) and passes everything else
-(``_storage``, ``_study_id``, directions) through to the study.
+The best trials are read from the study (once per proposal), not from the sampler's
+``after_trial``: in a sweep the study is told by ``search.studysearch.StudyCallback`` through its
+own connection to the database, so this sampler never sees the tell. The view works on any
+storage: it filters what ``study.get_trials`` / ``study._get_trials`` return (an ``RDBStorage``
+study's included; each call still loads the trials, a cost linear in N, and only the model stops
+growing) and passes everything else (``_storage``, ``_study_id``, directions) through.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from typing import Any
 
 import optuna
@@ -39,14 +40,14 @@ class _StudyWindow:
 
     def __init__(self, study: optuna.Study, keep: set[int], first_recent: int):
         self._study = study
-        self._keep = keep  # numbers of the best finished trials
+        self._keep = keep  # numbers of the best finished trials (RUNNING ones are always kept)
         self._first_recent = first_recent  # trials numbered from here on are "recent"
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
 
     def _cut(self, trials: list) -> list:
-        return [t for t in trials if t.number >= self._first_recent or t.number in self._keep]
+        return [t for t in trials if t.number >= self._first_recent or t.number in self._keep or t.state == TrialState.RUNNING]
 
     def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list:
         return self._cut(self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache))
@@ -57,6 +58,20 @@ class _StudyWindow:
     @property
     def trials(self) -> list:
         return self.get_trials()
+
+
+def tpe_rank(trial, maximize: bool) -> tuple:
+    """Where TPE ranks a finished trial (smaller is better), as its ``_split_trials`` does: COMPLETE
+    trials by value, then PRUNED ones by the last step reached (later first) and its value; ties: the
+    later trial."""
+    sign = -1.0 if maximize else 1.0
+    if trial.state == TrialState.COMPLETE:
+        value = trial.value
+        return (0, math.inf if value is None or math.isnan(value) else sign * value, 0.0, -trial.number)
+    if trial.intermediate_values:
+        step, value = max(trial.intermediate_values.items())
+        return (1, -step, math.inf if math.isnan(value) else sign * value, -trial.number)
+    return (2, 0, 0.0, -trial.number)
 
 
 class WindowedSampler(BaseSampler):
@@ -74,12 +89,12 @@ class WindowedSampler(BaseSampler):
         self._window: tuple[int, set[int]] | None = None  # (trial number, the best trials' numbers) last computed
 
     def _best_numbers(self, study: optuna.Study, number: int) -> set[int]:
-        """Numbers of the ``best`` highest-valued COMPLETE trials (ties: the later trial), once per proposal."""
+        """Numbers of the ``best`` trials by TPE's ranking (``tpe_rank``), once per proposal."""
         if self._window is None or self._window[0] != number:
-            complete = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,), use_cache=True)
-            sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
-            top = heapq.nlargest(self.best, ((sign * t.value, t.number) for t in complete if t.value is not None))
-            self._window = (number, {n for _, n in top})
+            finished = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED), use_cache=True)
+            maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+            top = heapq.nsmallest(self.best, finished, key=lambda t: tpe_rank(t, maximize))
+            self._window = (number, {t.number for t in top})
         return self._window[1]
 
     def _view(self, study: optuna.Study, trial) -> optuna.Study | _StudyWindow:

@@ -5,9 +5,9 @@ the best native-resolution validation Dice a trial has reached so far. ASHA comp
 by ``--rung-metric``: by default that epoch's validation Dice, which `search.bench --asha-yield`
 measured losing less of the best than the running best at the same epochs saved (README, Benchmarks).
 The sampler works on the sweep's Optuna study in a database (``search.study``): ``StudySearch``
-asks it, ``StudyCallback`` mirrors every trial into it (``search.studysearch``). Whichever the
-sampler, it proposes from a bounded window of the study (the best and the latest trials,
-``search.sampler_window``), so proposals cost the same at trial 2,000 as at trial 300.
+asks it, ``StudyCallback`` mirrors every trial into it (``search.studysearch``). TPE and GP model
+a bounded window of the study (the best, the latest and the running trials,
+``search.sampler_window``), so their models stop growing with the number of trials.
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ RUNG_METRICS = ("val_dice", "best_val_dice")  # --rung-metric: what ASHA compare
 
 
 SAMPLERS = ("tpe", "gp", "random", "qmc")  # --sampler
-# each proposal reads the best and the latest trials, not all (search.sampler_window), whichever the sampler
+# TPE's and GP's proposals model the best and the latest trials, not all (search.sampler_window);
+# random and QMC model none (QMC reads its search space from the study's first finished trial)
 HISTORY = {"best": 32, "recent": 256}
+WINDOWED = ("tpe", "gp")
 
 
 def sampler_settings(settings: SweepSettings) -> dict:
     """The sampler's settings for this sweep (recorded in sweep.json; ``make_sampler`` builds it), with
-    the ``history`` window every sampler proposes from (``HISTORY``, ``search.sampler_window``).
+    the ``history`` window TPE and GP propose from (``HISTORY``, ``search.sampler_window``).
 
     TPE: Optuna's default of 10 random start-up trials would make a 12-16 trial sweep mostly random
     search: a quarter of the budget (3 to 10 trials, the seed recipe included) is random, the rest
@@ -35,7 +37,8 @@ def sampler_settings(settings: SweepSettings) -> dict:
     GP (Optuna's GPSampler, made for small budgets): the same start-up count, counted in COMPLETE
     trials only; conditional parameters are sampled at random. QMC: a scrambled Sobol sequence.
     """
-    return {**_sampler_options(settings), "history": dict(HISTORY)}
+    options = _sampler_options(settings)
+    return {**options, "history": dict(HISTORY)} if settings.sampler in WINDOWED else options
 
 
 def _sampler_options(settings: SweepSettings) -> dict:
@@ -66,11 +69,11 @@ def make_sampler(settings: SweepSettings):
     from search.sampler_window import WindowedSampler
 
     options = sampler_settings(settings)
-    name, history = options.pop("name"), options.pop("history")
+    name, history = options.pop("name"), options.pop("history", None)
     with warnings.catch_warnings():  # multivariate/group are marked experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = getattr(optuna.samplers, name)(**options)
-    return WindowedSampler(sampler, **history)  # proposals stop getting slower with the number of trials
+    return WindowedSampler(sampler, **history) if history else sampler  # proposals stop getting slower with N
 
 
 def make_searcher(settings: SweepSettings, space: SearchSpace, max_concurrent: int, storage_url: str | None = None):

@@ -40,14 +40,16 @@ def test_windowed_tpe_proposes_exactly_what_tpe_does_while_the_study_fits_the_wi
 
 
 class SeenTrials(optuna.samplers.RandomSampler):
-    """Records which finished trials the sampler was shown at each proposal."""
+    """Records which finished trials (and which trials at all) the sampler was shown at each proposal."""
 
     def __init__(self):
         super().__init__(seed=0)
         self.seen: list[set[int]] = []
+        self.seen_all: list[set[int]] = []
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         self.seen.append({t.number for t in study._get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))})
+        self.seen_all.append({t.number for t in study.get_trials(deepcopy=False)})
         return super().sample_independent(study, trial, param_name, param_distribution)
 
 
@@ -65,6 +67,55 @@ def test_windowed_sampler_shows_only_the_best_and_the_latest_trials():
     trial.suggest_float("x", 0, 1)
     assert inner.seen[-1] == {1, 3, 8, 9, 10, 11}
     assert inner.seen[4] == {0, 1, 2, 3}  # trial 4: everything fits the window
+
+
+def test_the_window_holds_tpes_best_pruned_trials_and_every_running_one():
+    """ASHA stops most trials (PRUNED): TPE ranks COMPLETE ones first, then PRUNED by the last epoch
+    reached and its value; an old trial still running stays visible to the constant liar."""
+    from optuna.trial import TrialState
+
+    from search.sampler_window import WindowedSampler
+
+    inner = SeenTrials()
+    study = optuna.create_study(direction="maximize", sampler=WindowedSampler(inner, recent=3, best=3))
+    outcomes = [None, ("complete", 0.9), ("pruned", 4, 0.5), ("pruned", 1, 0.95), ("pruned", 4, 0.3)] + [("fail",)] * 5
+    for outcome in outcomes:  # trial 0 is never told: still RUNNING
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        if outcome and outcome[0] == "complete":
+            study.tell(trial, outcome[1])
+        elif outcome and outcome[0] == "pruned":
+            trial.report(outcome[2], outcome[1])
+            study.tell(trial, state=TrialState.PRUNED)
+        elif outcome:
+            study.tell(trial, state=TrialState.FAIL)
+    trial = study.ask()  # trial 10: recent = 8..10; best 3 = trial 1, then the pruned at step 4 (2, 4), not 3
+    trial.suggest_float("x", 0, 1)
+    assert inner.seen_all[-1] == {0, 1, 2, 4, 8, 9, 10}
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.parametrize("name", ["tpe", "gp"])
+def test_windowed_tpe_and_gp_propose_from_a_window_smaller_than_the_stored_study(tmp_path, name):
+    """The cut path itself, with the real samplers as the sweep builds them, on a SQLite study."""
+    from search.sampler_window import WindowedSampler
+
+    inner = {"tpe": lambda: optuna.samplers.TPESampler(seed=0, n_startup_trials=3, multivariate=True, group=True, constant_liar=True),
+             "gp": lambda: optuna.samplers.GPSampler(seed=0, n_startup_trials=3, deterministic_objective=False)}[name]()
+    sizes = []
+    original = inner.sample_relative
+
+    def sample_relative(study, trial, search_space):
+        sizes.append(len(study.get_trials(deepcopy=False)))
+        return original(study, trial, search_space)
+
+    inner.sample_relative = sample_relative
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'w.db'}", direction="maximize",
+                                sampler=WindowedSampler(inner, recent=5, best=2))
+    study.optimize(_objective, n_trials=24)
+    assert len(study.trials) == 24 and all(t.state.name == "COMPLETE" for t in study.trials)
+    assert sizes[4] == 5 and max(sizes) == 7  # the whole study while it fits; then 5 latest (the asking one too) + 2 best
+    assert study.best_value > -0.5  # still optimises: the optimum is 0 at x = 1, y = 0.2
 
 
 def test_windowed_sampler_finds_the_best_in_a_stored_study_told_through_another_connection(tmp_path):
@@ -87,7 +138,7 @@ def test_windowed_sampler_finds_the_best_in_a_stored_study_told_through_another_
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 @pytest.mark.parametrize("name", ["tpe", "gp", "random", "qmc"])
-def test_every_sampler_proposes_from_the_window_and_pickles_with_the_stored_study(tmp_path, name):
+def test_tpe_and_gp_propose_from_the_window_and_every_sampler_pickles_with_the_stored_study(tmp_path, name):
     import pickle
 
     from search.rundir import SweepSettings
@@ -97,15 +148,18 @@ def test_every_sampler_proposes_from_the_window_and_pickles_with_the_stored_stud
 
     settings = SweepSettings(name="w", num_samples=20, sampler=name, seed=0)
     recorded = sampler_settings(settings)  # sweep.json's "sampler"
-    assert recorded["history"] == HISTORY == {"best": 32, "recent": 256}
     searcher = make_searcher(settings, SearchSpace(), 2, f"sqlite:///{tmp_path / 'study.db'}")
     sampler = searcher.searcher._sampler
-    assert isinstance(sampler, WindowedSampler) and type(sampler.sampler).__name__ == recorded["name"]
-    assert {"best": sampler.best, "recent": sampler.recent} == recorded["history"]
+    if name in ("tpe", "gp"):  # a model of the history: windowed
+        assert recorded["history"] == HISTORY == {"best": 32, "recent": 256}
+        assert isinstance(sampler, WindowedSampler) and type(sampler.sampler).__name__ == recorded["name"]
+        assert {"best": sampler.best, "recent": sampler.recent} == recorded["history"]
+    else:  # no model: nothing to bound (QMC reads its space from the first finished trial)
+        assert "history" not in recorded and type(sampler).__name__ == recorded["name"]
     searcher.set_search_properties(METRIC, "max", {})
     assert searcher.suggest("t0")
     restored = pickle.loads(pickle.dumps(searcher))  # as Tune saves it with each snapshot
-    assert isinstance(restored.searcher._sampler, WindowedSampler) and restored.searcher._ot_study is not None
+    assert type(restored.searcher._sampler) is type(sampler) and restored.searcher._ot_study is not None
     assert restored.suggest("t1")
 
 
