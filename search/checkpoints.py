@@ -22,9 +22,9 @@ after every folder there.
 failed with a recorded reason) nothing reads its checkpoints again: ``--resume`` restarts only
 unfinished trials (the mending above skips finished ones), and the retrain trains the best
 configuration from scratch. Kept, they would grow with the sweep (2,000 trials x 165 MB = 330 GB);
-deleted, the sweep holds checkpoints only for the trials running now. They go after Tune's next
-experiment snapshot records the trial finished, never before, so a resumed driver never restarts a
-trial whose checkpoints are gone. Trials that end in ``ERROR`` (crashed more than
+deleted, the sweep holds checkpoints only for the trials running now. They go once Tune's
+experiment snapshot on the storage records the trial finished, never before, so a resumed driver
+never restarts a trial whose checkpoints are gone. Trials that end in ``ERROR`` (crashed more than
 ``--max-failures`` times) keep theirs, for a look at what they had reached; ``--keep-checkpoints``
 keeps everything. A data-parallel trial's checkpoints are Ray Train's, in the trial's ``train/``
 folder; they go too. Deletion uses the checkpoint's own pyarrow filesystem (the storage's), so a
@@ -34,11 +34,13 @@ slow object store never holds up the driver's loop; the end of the experiment wa
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import posixpath
 import re
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from ray.tune import Callback
@@ -49,6 +51,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint_"  # Tune's checkpoint folders in a trial's folder (and partial ones)
 CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)$")  # a complete name: its index
 RESULT_FILE = "result.json"  # Tune's per-trial results, one JSON line per report
+SNAPSHOT_PATTERN = "experiment_state-*.json"  # Tune's experiment snapshots, one per driver session
 
 
 # ----------------------------------------------------------------------------- --resume: a named checkpoint gone
@@ -185,44 +188,67 @@ def delete_trial_checkpoints(filesystem, trial_path: str) -> int:
     return len(doomed)
 
 
-class DeleteFinishedCheckpoints(Callback):
-    """Deletes a trial's checkpoints once Tune's saved experiment state records it finished.
+def recorded_finished(filesystem, experiment_path: str) -> set[str] | None:
+    """Ids of the trials that the newest experiment snapshot on the storage records TERMINATED
+    (None: no snapshot there, or one being written; Ray's own format, read as Tune's restore reads it)."""
+    from pyarrow.fs import FileSelector
 
-    Not at once: until Tune's next snapshot of the experiment (``get_state`` is called while one is
-    written) a driver that dies would come back believing the trial unfinished and restart it from
-    those checkpoints. So a trial completed before snapshot k is deleted at snapshot k + 1 (by then
-    snapshot k is on the storage), and everything left at the end of the experiment, after Tune's
-    final snapshot.
+    entries = filesystem.get_file_info(FileSelector(experiment_path, allow_not_found=True))
+    snapshots = sorted(e.path for e in entries if fnmatch.fnmatch(posixpath.basename(e.path), SNAPSHOT_PATTERN))
+    if not snapshots:
+        return None
+    try:
+        with filesystem.open_input_stream(snapshots[-1]) as stream:
+            state = json.loads(stream.readall())
+        trials = [json.loads(trial_json) for trial_json, _ in state["trial_data"]]
+    except (OSError, ValueError, KeyError, TypeError):  # being written, or cut off
+        return None
+    return {t["trial_id"] for t in trials if t.get("status") == "TERMINATED"}
+
+
+class DeleteFinishedCheckpoints(Callback):
+    """Deletes a trial's checkpoints once Tune's experiment snapshot on the storage records it finished.
+
+    Not at once: until the snapshot on the storage says so, a driver that dies would come back
+    believing the trial unfinished and restore it from those checkpoints. Whenever Tune writes a
+    snapshot (``get_state`` is called while it does) and at the end of the experiment (after Tune's
+    final snapshot, written and uploaded), a background thread reads the newest snapshot on the
+    storage and deletes the checkpoints of the finished trials it records; the others wait for a
+    later one (an upload still running, or skipped by Tune's syncer, only delays them). A trial that
+    finished just before a killed driver's last snapshot comes back finished on ``--resume`` without
+    a completion event: the resumed driver queues those on its first step.
     """
 
     def __init__(self):
         self._executor: ThreadPoolExecutor | None = None
-        self._finished: list[tuple] = []  # completed since the last snapshot
-        self._recorded: list[tuple] = []  # completed before the last snapshot: deleted at the next one
+        self._lock = threading.Lock()
+        self._pending: list[tuple] = []  # (trial id, filesystem, folders, name) finished, not yet deleted
+        self._experiment: tuple | None = None  # (filesystem, path) of the experiment folder on the storage
+        self._resumed_checked = False
         self.deleted = 0  # checkpoint folders deleted
 
-    def __getstate__(self):  # Tune pickles callbacks with the experiment state
+    def __getstate__(self):  # pickled in tuner.pkl and unpickled on --resume
         return {}
 
     def __setstate__(self, state):
         self.__init__()
 
+    def on_step_begin(self, iteration, trials, **info):
+        if not self._resumed_checked:  # finished before the last snapshot of a stopped driver
+            self._resumed_checked = True
+            for trial in trials:
+                if trial.status == "TERMINATED":
+                    self._queue(trial)
+
     def on_trial_complete(self, iteration, trials, trial, **info):
-        checkpoint = trial.checkpoint  # the latest one, registered before Tune completes the trial
-        if checkpoint is not None:
-            filesystem, trial_path = checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/"))
-        else:  # none through Tune; a data-parallel trial keeps Ray Train's in its train/ folder
-            filesystem, trial_path = trial.storage.storage_filesystem, trial.path
-        self._finished.append((filesystem, [trial_path, posixpath.join(trial_path, TRAIN_DIR)], str(trial)))
+        self._queue(trial)
 
     def get_state(self):  # Tune is writing a snapshot of the experiment
-        doomed, self._recorded, self._finished = self._recorded, self._finished, []
-        self._submit(doomed)
+        self._submit()
         # nothing to restore: no return value
 
-    def on_experiment_end(self, trials, **info):  # after Tune's final snapshot
-        doomed, self._recorded, self._finished = self._recorded + self._finished, [], []
-        self._submit(doomed)
+    def on_experiment_end(self, trials, **info):  # after Tune's final snapshot (none if the loop failed)
+        self._submit()
         self.wait()
 
     def wait(self) -> None:
@@ -231,15 +257,34 @@ class DeleteFinishedCheckpoints(Callback):
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    def _submit(self, doomed: list[tuple]) -> None:
-        if not doomed:
+    def _queue(self, trial) -> None:
+        checkpoint = trial.checkpoint  # the latest one, registered before Tune completes the trial
+        if checkpoint is not None:
+            filesystem, trial_path = checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/"))
+        else:  # none through Tune; a data-parallel trial keeps Ray Train's in its train/ folder
+            filesystem, trial_path = trial.storage.storage_filesystem, trial.path
+        if self._experiment is None:
+            self._experiment = (trial.storage.storage_filesystem, trial.storage.experiment_fs_path)
+        with self._lock:
+            self._pending.append((trial.trial_id, filesystem, [trial_path, posixpath.join(trial_path, TRAIN_DIR)], str(trial)))
+
+    def _submit(self) -> None:
+        if not self._pending:
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="delete-checkpoints")
-        self._executor.submit(self._delete, doomed)
+        self._executor.submit(self._delete_recorded)
 
-    def _delete(self, doomed: list[tuple]) -> None:
-        for filesystem, folders, name in doomed:
+    def _delete_recorded(self) -> None:
+        try:
+            recorded = recorded_finished(*self._experiment) or set()
+        except Exception as err:  # noqa: BLE001 - a checkpoint left behind costs disk, not results
+            logger.warning("could not read Tune's experiment snapshot on the storage (%s); checkpoints kept for now", err)
+            return
+        with self._lock:
+            doomed = [p for p in self._pending if p[0] in recorded]
+            self._pending = [p for p in self._pending if p[0] not in recorded]
+        for _, filesystem, folders, name in doomed:
             for folder in folders:
                 try:
                     self.deleted += delete_trial_checkpoints(filesystem, folder)

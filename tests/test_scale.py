@@ -4,6 +4,7 @@ The searcher's history window, checkpoints deleted once a trial is finished and 
 trials.csv written at a bounded rate, a report that stays legible, and the --scale bench itself.
 """
 
+import json
 from types import SimpleNamespace
 
 import optuna
@@ -175,35 +176,52 @@ def _trial_folder(root, name):
     return trial
 
 
-def test_finished_trials_checkpoints_go_after_the_next_experiment_snapshot(tmp_path):
+def _snapshot(root, session: str, finished: list[str], running: list[str] = ()) -> None:
+    """Tune's experiment snapshot on the storage (as much of Ray's format as is read)."""
+    trial_data = [[json.dumps({"trial_id": t, "status": s}), "{}"] for ts, s in ((finished, "TERMINATED"), (running, "RUNNING")) for t in ts]
+    (root / f"experiment_state-{session}.json").write_text(json.dumps({"trial_data": trial_data}))
+
+
+def _finished_trial(root, folder, trial_id, status="TERMINATED"):
     from ray.tune import Checkpoint
 
-    from search.checkpoints import DeleteFinishedCheckpoints
+    storage = SimpleNamespace(storage_filesystem=None, experiment_fs_path=str(root))
+    checkpoint = Checkpoint((folder / "checkpoint_000003").as_uri())  # a file:// URI: the same pyarrow path as s3://
+    storage.storage_filesystem = checkpoint.filesystem
+    return FakeTrial(name=folder.name, trial_id=trial_id, status=status, checkpoint=checkpoint, storage=storage)
 
-    def fake(folder):  # a file:// URI: the same pyarrow path as s3://
-        return SimpleNamespace(checkpoint=Checkpoint((folder / "checkpoint_000003").as_uri()), __str__=lambda self: folder.name)
+
+def test_finished_trials_checkpoints_go_once_the_snapshot_on_the_storage_records_them(tmp_path):
+    from search.checkpoints import DeleteFinishedCheckpoints
 
     a, b = _trial_folder(tmp_path, "trial_000_a"), _trial_folder(tmp_path, "trial_001_b")
     callback = DeleteFinishedCheckpoints()
-    callback.on_trial_complete(0, [], fake(a))
-    assert callback.get_state() is None  # snapshot 1 records trial a finished: its checkpoints may still be read
-    callback.on_trial_complete(0, [], fake(b))
+    callback.on_trial_complete(0, [], _finished_trial(tmp_path, a, "a"))
+    assert callback.get_state() is None  # a snapshot being written: none on the storage yet
     callback.wait()
     assert (a / "checkpoint_000003").is_dir()
-    callback.get_state()  # snapshot 2: snapshot 1 is on the storage, a's checkpoints go
+    _snapshot(tmp_path, "2026-11-29_08-00-00", finished=["a"], running=["b"])  # uploaded: it records a finished
+    callback.on_trial_complete(0, [], _finished_trial(tmp_path, b, "b"))
+    callback.get_state()
     callback.wait()
     assert sorted(p.name for p in a.rglob("*")) == ["result.json", "train"]
-    assert (b / "checkpoint_000003").is_dir()
-    callback.on_experiment_end([])  # after Tune's final snapshot: everything finished goes
-    assert sorted(p.name for p in b.rglob("*")) == ["result.json", "train"]
-    assert callback.deleted == 6
+    # Tune's loop failed: no final snapshot, so b (running in the one on the storage) keeps its checkpoints
+    callback.on_experiment_end([])
+    assert (b / "checkpoint_000003").is_dir() and callback.deleted == 3
+
+    # --resume: b came back finished (its snapshot was written just before the kill), with no completion event
+    _snapshot(tmp_path, "2026-11-29_09-00-00", finished=["a", "b"])
+    resumed = DeleteFinishedCheckpoints()
+    resumed.on_step_begin(0, [_finished_trial(tmp_path, a, "a"), _finished_trial(tmp_path, b, "b"),
+                              _finished_trial(tmp_path, tmp_path / "trial_002_c", "c", status="PENDING")])
+    resumed.on_experiment_end([])  # after the final snapshot
+    assert sorted(p.name for p in b.rglob("*")) == ["result.json", "train"] and resumed.deleted == 3
 
 
 def test_a_resumed_trial_continues_from_the_oldest_newer_checkpoint_and_its_leftovers_go_when_it_finishes(tmp_path):
     """Tune keeps 2 checkpoints: the snapshot named checkpoint 2; 3 and 4 were registered since (2 deleted
     then), 5 may have been cut off by the kill. The trial continues from 3, numbers its next after 5, and
     once it has finished every checkpoint folder goes, those Tune no longer tracks (4, 5) too."""
-    import json
 
     from ray.tune import Checkpoint
 
@@ -228,6 +246,8 @@ def test_a_resumed_trial_continues_from_the_oldest_newer_checkpoint_and_its_left
 
     (trial_dir / "checkpoint_000006").mkdir()
     trial.checkpoint = Checkpoint((trial_dir / "checkpoint_000006").as_uri())  # it ran on and finished
+    trial.trial_id, trial.storage.storage_filesystem, trial.storage.experiment_fs_path = "a", trial.checkpoint.filesystem, str(tmp_path)
+    _snapshot(tmp_path, "2026-11-29_08-00-00", finished=["a"])
     callback = DeleteFinishedCheckpoints()
     callback.on_trial_complete(0, [trial], trial)
     callback.on_experiment_end([trial])
