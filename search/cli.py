@@ -21,6 +21,7 @@ from tumorseg.config import TrainConfig, field_names
 from tumorseg.data import DataOptions, add_data_arguments
 from tumorseg.errors import ConfigError
 
+from search.datapath import DATA_PATHS, OBJECT_STORE_MAX_BYTES
 from search.rundir import FINAL_EPOCHS_FACTOR, RAY_LOG, SweepSettings
 from search.space import OPTIONAL_NAMES, PARAM_NAMES, PARAMS, SearchSpace, define_by_run, fit_to_budget, read_space_file
 from search.study import normalise
@@ -31,7 +32,7 @@ SWEEP_OWNED_FIELDS = ("epochs", "seed", "num_workers")
 # flags that may differ on --resume (they change how the driver runs, not what the sweep is);
 # RESUMED_SETTINGS are the SweepSettings fields such a flag sets on the saved sweep
 RESUMED_SETTINGS = ("dashboard", "dashboard_host", "dashboard_port", "ray_temp_dir", "no_retrain", "retrain_seeds",
-                    "cache_dir", "verbose", "study_storage", "final_epochs")
+                    "cache_dir", "verbose", "study_storage", "final_epochs", "data_path")
 RESUMABLE_FLAGS = {"name", "storage", "resume", "address", *RESUMED_SETTINGS}
 # tumorseg.data.add_data_arguments' flags (their values live in SweepSettings.data_options)
 DATA_FLAGS = {"layout", "labels", "split", "split_seed", "group_by", "splits", "allow_unlabelled"}
@@ -66,9 +67,10 @@ def build_parser() -> ArgumentParser:
     r.add_argument("--dashboard-host", default="127.0.0.1", help="dashboard bind address (0.0.0.0 exposes it: keep token auth on)")
     r.add_argument("--dashboard-port", type=int, default=8265)
     r.add_argument("--ray-temp-dir", default=None, help="Ray's session/log folder (default: Ray's /tmp/ray)")
-    r.add_argument("--data-path", choices=("auto", "object-store", "node-cache"), default="auto",
+    r.add_argument("--data-path", choices=DATA_PATHS, default="auto",
                    help="how trials get the arrays: Ray's object store, or a memory-mapped copy per node of the "
-                        "--cache-dir cache (auto: the object store up to 2 GiB of arrays; see search/datapath.py)")
+                        f"--cache-dir cache (auto: the object store up to {OBJECT_STORE_MAX_BYTES / 2**30:g} GiB of arrays; "
+                        "see search/datapath.py)")
     r.add_argument("--keep-checkpoints", action="store_true",
                    help="keep finished trials' checkpoints (default: deleted when a trial finishes; --resume never reads them)")
     r.add_argument("--reuse-actors", action=argparse.BooleanOptionalAction, default=True,

@@ -6,8 +6,8 @@ read it zero-copy. The head holds it in memory for the whole sweep, every node h
 in memory too, and a node's first trial waits for the whole object.
 
 ``node-cache``: the driver keeps its ``.npy`` cache (``tumorseg.data``; built once, from any
-layout) on storage every node can read (``--cache-dir`` on shared storage, like ``--data``), and
-hands trials only the file names. The first trial of a node that needs a resize copies that
+layout) on storage every node can read (``--cache-dir`` on shared storage, like ``--data``; checked
+before the first trial), and hands trials only the file names. The first trial of a node that needs a resize copies that
 resize's files into the node's own cache folder (``$TUMORSEG_NODE_CACHE_DIR``, default
 ``<tmp>/tumorseg-node-cache``; once per node, under a file lock, keyed by content so later sweeps
 reuse it), and every trial memory-maps them: nothing in Ray's object store, nothing on the head,
@@ -15,7 +15,7 @@ the node's page cache holds what is read (and can drop it), a node copies only t
 trials sample.
 
 ``auto`` (the default) chooses by the arrays' size: the object store up to ``OBJECT_STORE_MAX_BYTES``,
-the node cache above it. The cut-off comes from ``python -m search.bench --data-scale`` (README,
+the node cache above it (the object store after all if a node cannot read the driver's cache). The cut-off comes from ``python -m search.bench --data-scale`` (README,
 "Scaling").
 """
 
@@ -30,6 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from tumorseg.data import Split
+from tumorseg.errors import ConfigError
+
+from search.storage import blind_nodes
 
 DATA_PATHS = ("auto", "object-store", "node-cache")
 OBJECT_STORE_MAX_BYTES = 2 * 2**30  # up to 2 GiB of arrays: the object store (see the module doc)
@@ -124,14 +127,29 @@ def open_node_cache(handle: dict, sizes: list[int] | None = None, root: Path | N
 
 
 def data_handle(data: dict[int, dict[str, Split]], requested: str = "auto", log=print) -> dict:
-    """What the driver hands every trial (one line says which path and why)."""
+    """What the driver hands every trial (one line says which path and why).
+
+    The node cache needs the driver's cache files readable on every node: checked first. If a node
+    cannot read them, ``auto`` falls back to the object store and ``node-cache`` is refused.
+    """
     import ray
 
     path = choose(data, requested)
-    why = "forced by --data-path" if requested != "auto" else (
-        f"{'<=' if path == 'object-store' else '>'} {OBJECT_STORE_MAX_BYTES / 2**30:g} GiB")
-    log(f"data path: {path} ({data_bytes(data) / 2**30:.2f} GiB of arrays, {why})")
-    return {"ref": ray.put(data)} if path == "object-store" else describe(data)
+    size = f"{data_bytes(data) / 2**30:.2f} GiB of arrays"
+    why = "forced by --data-path" if requested != "auto" else f"{'<=' if path == 'object-store' else '>'} {OBJECT_STORE_MAX_BYTES / 2**30:g} GiB"
+    if path == "node-cache":
+        handle = describe(data)
+        first = next(iter(next(iter(handle["node_cache"].values())).values()))["files"]["images"]
+        blind = blind_nodes(first)
+        if blind and requested == "node-cache":
+            raise ConfigError(f"--data-path node-cache: node(s) {', '.join(blind)} cannot read the driver's cache file {first}; "
+                              "put --cache-dir on storage every node sees (like --data), or use --data-path object-store")
+        if not blind:
+            log(f"data path: node-cache ({size}, {why})")
+            return handle
+        path, why = "object-store", f"node(s) {', '.join(blind)} cannot read the driver's --cache-dir, so not the node cache"
+    log(f"data path: {path} ({size}, {why})")
+    return {"ref": ray.put(data)}
 
 
 def trial_data(data_ref: dict, resize_px: int | None = None) -> dict:

@@ -53,29 +53,34 @@ def check_writable(storage: str, local_dir: Path) -> None:
             raise ConfigError(f"--storage: cannot write to {storage} ({type(err).__name__}: {err})".splitlines()[0]) from None
 
 
-def check_visible_from_all_nodes(local_dir: Path) -> None:
-    """On a multi-node cluster, every node must see the storage path the driver writes to."""
+def blind_nodes(path: Path | str) -> list[str]:
+    """The alive nodes of a multi-node cluster that cannot see the file ``path`` ("address node-id")."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2:
-        return
-    probe = local_dir / f".node-probe-{uuid.uuid4().hex[:8]}"
-    probe.write_text("visible")
+        return []
 
     @ray.remote(num_cpus=0)
     def sees(path: str) -> bool:
         return os.path.isfile(path)
 
+    refs = {
+        node["NodeManagerAddress"] + " " + node["NodeID"][:8]: sees.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote(str(path))
+        for node in nodes
+    }
+    return [name for name, ref in refs.items() if not ray.get(ref, timeout=60)]
+
+
+def check_visible_from_all_nodes(local_dir: Path) -> None:
+    """On a multi-node cluster, every node must see the storage path the driver writes to."""
+    probe = local_dir / f".node-probe-{uuid.uuid4().hex[:8]}"
+    probe.write_text("visible")
     try:
-        refs = {
-            node["NodeManagerAddress"] + " " + node["NodeID"][:8]: sees.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-            ).remote(str(probe))
-            for node in nodes
-        }
-        blind = [name for name, ref in refs.items() if not ray.get(ref, timeout=60)]
+        blind = blind_nodes(probe)
     finally:
         probe.unlink(missing_ok=True)
     if blind:

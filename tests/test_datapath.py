@@ -26,6 +26,26 @@ def test_auto_chooses_the_object_store_up_to_the_cut_off(monkeypatch, synthetic_
     assert datapath.choose(data) == "node-cache" and datapath.choose(data, "object-store") == "object-store"
 
 
+def test_a_cache_some_node_cannot_read_means_the_object_store_or_a_clear_error(monkeypatch, synthetic_dir, tmp_path):
+    import ray
+
+    from search import datapath
+    from search.trainable import load_search_data
+    from tumorseg.errors import ConfigError
+
+    data = load_search_data(synthetic_dir, [64], cache_dir=tmp_path)
+    monkeypatch.setattr(datapath, "OBJECT_STORE_MAX_BYTES", 0)  # auto: the node cache
+    monkeypatch.setattr(ray, "put", lambda value: "object-ref")
+    lines = []
+    monkeypatch.setattr(datapath, "blind_nodes", lambda path: [])
+    assert "node_cache" in datapath.data_handle(data, "auto", log=lines.append)
+    monkeypatch.setattr(datapath, "blind_nodes", lambda path: ["10.0.0.2 abcd1234"] if Path(path).is_relative_to(tmp_path) else [])
+    assert datapath.data_handle(data, "auto", log=lines.append) == {"ref": "object-ref"}
+    assert lines[-1].startswith("data path: object-store") and "10.0.0.2 abcd1234 cannot read the driver's --cache-dir" in lines[-1]
+    with pytest.raises(ConfigError, match=r"^--data-path node-cache: node\(s\) 10.0.0.2 abcd1234 cannot read"):
+        datapath.data_handle(data, "node-cache", log=lines.append)
+
+
 def test_node_cache_copies_once_per_node_and_maps_the_same_arrays(synthetic_dir, tmp_path):
     from search.datapath import describe, open_node_cache
     from search.trainable import load_search_data
