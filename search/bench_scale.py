@@ -3,8 +3,8 @@
     python -m search.bench --scale [--trials 100,500,2000] [--nodes 1] [--gpus 64] [--epoch-s 3]
 
 **It measures orchestration, not training.** Every trial runs the real trainable
-(``search.trainable.tune_trainable``: Tune's context, the data from the object store, one report and
-one checkpoint per epoch through ``checkpointing_report``) with the model (``run_trial``) replaced by
+(``search.trainable.tune_trainable``: Tune's context, the data from the object store, one report per
+epoch and checkpoints at a bounded cost through ``checkpointing_report``) with the model (``run_trial``) replaced by
 a calibrated sleep (``sleep_trial``) and its state written as a small JSON file instead of a torch
 file, so 64 trial processes fit on a 2-core box (a torch import is ~290 MB per process). The driver
 is ``search.run``'s own: the same settings, searcher (Optuna TPE), ASHA scheduler, callbacks

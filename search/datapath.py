@@ -90,16 +90,21 @@ def local_copy(source: str, root: Path) -> tuple[Path, int]:
     """
     source = Path(source)
     target = root.joinpath(*source.parts[-3:])
-    size = source.stat().st_size
-    if target.is_file() and target.stat().st_size == size:
+    stat = source.stat()
+    size = stat.st_size
+
+    def current() -> bool:  # copied with its modification time: a rebuilt cache file is copied again
+        return target.is_file() and (target.stat().st_size, target.stat().st_mtime_ns) == (size, stat.st_mtime_ns)
+
+    if current():
         return target, 0
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.with_name(target.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.is_file() and target.stat().st_size == size:  # another trial of this node copied it
+        if current():  # another trial of this node copied it
             return target, 0
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.copyfile(source, tmp)
+        shutil.copy2(source, tmp)
         os.replace(tmp, target)
     return target, size
 

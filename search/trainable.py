@@ -187,7 +187,8 @@ def tune_trainable(params: dict, *, base: dict, data_ref, encoder_states=None, t
         _run_train_workers(params, base, data_ref, encoder_states, threads, workers, extra, train_storage)
         return
     extra.update(_placement())
-    report = checkpointing_report(tune.report, tune.Checkpoint, save=save or save_state, final_epoch=base.get("epochs"))
+    report = checkpointing_report(tune.report, tune.Checkpoint, save=save or save_state,
+                                  final_epoch=TrainConfig.from_dict({**base, **params}).epochs)
     (run or run_trial)(params, base=base, data=trial_data(data_ref, params.get("resize_px")), report=report, threads=threads,
                        restore_state=restored_state(tune.get_checkpoint(), load or load_state), encoder_states=encoder_states,
                        extra=extra)
@@ -256,7 +257,7 @@ def train_worker(config: dict) -> None:
     extra = {**config["extra"], **_placement(), "world_size": context.get_world_size()}
     # every rank reports (a collective); rank 0 alone builds and hands over the checkpoint
     report = checkpointing_report(train.report, train.Checkpoint, may_checkpoint=context.get_world_rank() == 0,
-                                  final_epoch=config["base"].get("epochs"))
+                                  final_epoch=TrainConfig.from_dict({**config["base"], **config["params"]}).epochs)
     run_trial(config["params"], base=config["base"], data=trial_data(config["data_ref"], config["params"].get("resize_px")), report=report,
               restore_state=restored_state(train.get_checkpoint()), encoder_states=config["encoder_states"], extra=extra,
               threads=round(config["threads"]))
