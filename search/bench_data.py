@@ -25,19 +25,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from search.bench_scale import du_bytes, pids_with_env
+
 ROOT = Path(__file__).resolve().parents[1]
 HEAD_PORT, NODE_PORT_BASE = 6447, 25200  # away from the tests' clusters and bench --scale's
-
-
-def du_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 @contextlib.contextmanager
 def two_nodes(temp_dir: Path, head_port: int = HEAD_PORT, port_base: int = NODE_PORT_BASE):
     """Head + one worker node on this machine, 2 CPUs each, each with its own node cache folder."""
-    from search.bench_scale import pids_with_env
-
     env = {**os.environ, "TUMORSEG_HEAD_PORT": str(head_port), "TUMORSEG_NODE_PORT_BASE": str(port_base),
            "TUMORSEG_RAY_TEMP_DIR": str(temp_dir), "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
