@@ -68,7 +68,8 @@ def finalize(run_dir: Path, dataset, todo: dict[str, dict], runs: dict[str, list
     outputs = {}
     for recipe, params in todo.items():
         summary[recipe], outputs[recipe] = score_recipe(recipe, params, runs[recipe], final, dataset, settings, boxes, log)
-    summary["baselines"] = score_baselines(train_masks(), outputs[recipe]["test"])
+    any_test_split = next(iter(outputs.values()))["test"]  # native masks: the same whichever recipe loaded it
+    summary["baselines"] = score_baselines(train_masks(), any_test_split)
     shipped, why = choose_shipped({recipe: summary[recipe] for recipe in todo})
     log(f"final: ships {shipped} ({why})")
     ship(final, shipped, summary[shipped], runs[shipped], outputs[shipped], dataset)
