@@ -11,8 +11,10 @@ For each recipe (``best``, ``seed_recipe``) and the K runs of its current key (`
 
 Both recipes get the same treatment, so the comparison stays fair. The trivial baselines (all
 background; the training masks' mean box, ``tumorseg.inspect_data``) are scored on the same test
-split. The shipped recipe is ``best`` (``seed_recipe`` when no trial succeeded): its members go to
-``final/model/member<k>.pt`` (hard links to the runs' ``model.pt`` where the file system allows),
+split. The shipped recipe is chosen on validation too (``choose_shipped``): the sweep's ``best``
+unless the seed recipe's ensemble with its post-processing beats it there by more than ``MARGIN``
+(trials rank configurations on a short budget; at the final budget the order can change). Its
+members go to ``final/model/member<k>.pt`` (hard links to the runs' ``model.pt`` where the file system allows),
 its pipeline to ``final/postprocess.json``, and the pictures and ``test_per_image.csv`` in
 ``final/`` show its post-processed test predictions.
 """
@@ -63,18 +65,17 @@ def finalize(run_dir: Path, dataset, todo: dict[str, dict], runs: dict[str, list
 
     boxes = labels_are_boxes(train_masks())
     summary["labels_are_boxes"] = boxes
-    shipped, shipped_outputs = ("best" if "best" in todo else "seed_recipe"), None
-    test_split = None
+    outputs = {}
     for recipe, params in todo.items():
-        entry, outputs = score_recipe(recipe, params, runs[recipe], final, dataset, settings, boxes, log)
-        summary[recipe] = entry
-        if recipe == shipped:
-            shipped_outputs = outputs
-        test_split = outputs["test"]
-    summary["baselines"] = score_baselines(train_masks(), test_split)
-    ship(final, shipped, summary[shipped], runs[shipped], shipped_outputs, dataset)
+        summary[recipe], outputs[recipe] = score_recipe(recipe, params, runs[recipe], final, dataset, settings, boxes, log)
+    any_test_split = next(iter(outputs.values()))["test"]  # native masks: the same whichever recipe loaded it
+    summary["baselines"] = score_baselines(train_masks(), any_test_split)
+    shipped, why = choose_shipped({recipe: summary[recipe] for recipe in todo})
+    log(f"final: ships {shipped} ({why})")
+    ship(final, shipped, summary[shipped], runs[shipped], outputs[shipped], dataset)
     summary["final_model"] = {
-        "recipe": shipped, "members": [f"{FINAL_MODEL_DIR}/{member_file(k)}" for k in range(len(runs[shipped]))],
+        "recipe": shipped, "chosen_by": why,
+        "members": [f"{FINAL_MODEL_DIR}/{member_file(k)}" for k in range(len(runs[shipped]))],
         "postprocess": POSTPROCESS_JSON, "test": summary[shipped]["ensemble_postprocessed"]["test"],
         "model_pt": summary[shipped]["best_member_run"],
         "model_pt_is": "the member with the best validation Dice (one file, no post-processing)",
@@ -82,6 +83,17 @@ def finalize(run_dir: Path, dataset, todo: dict[str, dict], runs: dict[str, list
     summary["wall_s"] = {"retrain": retrain_wall_s, "ensemble_and_postprocess": time.perf_counter() - t0}
     write_json(final / "metrics.json", summary)
     return summary
+
+
+def choose_shipped(entries: dict[str, dict], margin: float = MARGIN) -> tuple[str, str]:
+    """The recipe to ship and why, by each recipe's validation Dice with its post-processing (never
+    test): ``best`` unless ``seed_recipe`` is higher by more than ``margin``; whichever exists alone."""
+    if "best" not in entries:
+        return "seed_recipe", "no trial succeeded"
+    val = {recipe: entry["ensemble_postprocessed"]["valid"]["dice"] for recipe, entry in entries.items()}
+    shipped = "seed_recipe" if val["seed_recipe"] > val["best"] + margin else "best"
+    return shipped, (f"validation Dice with post-processing: best {val['best']:.4f}, seed recipe {val['seed_recipe']:.4f}; "
+                     f"the sweep's best unless the seed recipe leads by more than {margin}")
 
 
 def _mean_std(values: list[float]) -> dict:

@@ -103,9 +103,10 @@ def closing_block(run_dir: Path, name: str, storage: str, best: dict | None, sum
         lines.append(f"  test ({recipe}, {seeds} seed{'s' if seeds > 1 else ''})  {values}")
         shipped = summary.get("final_model")
         if shipped:
-            members = len(shipped["members"])
+            members, entry = len(shipped["members"]), summary.get(shipped["recipe"], test)
             what = f"ensemble of {members} + post-processing" if members > 1 else "+ post-processing"
-            lines.append(f"  shipped      {what} ({test.get('postprocess_describe', '?')}): test dice "
+            of = "" if shipped["recipe"] == recipe else f" of the {shipped['recipe'].replace('_', ' ')} (better on validation)"
+            lines.append(f"  shipped      {what}{of} ({entry.get('postprocess_describe', '?')}): test dice "
                          f"{shipped['test']['dice']:.4f}  {run_dir / FINAL_DIR / shipped['postprocess']}")
     model = run_dir / FINAL_DIR / "model.pt"
     if model.is_file():

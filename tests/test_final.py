@@ -57,8 +57,24 @@ def test_run_key_ignores_the_seed_only():
     assert len({key, run_key({**cfg, "lr": 2e-4}, "fp"), run_key({**cfg, "epochs": 21}, "fp"), run_key(cfg, "other")}) == 4
 
 
+def test_the_shipped_recipe_is_chosen_on_validation_and_ties_go_to_the_sweeps_best():
+    from search.finalize import choose_shipped
+
+    def entries(best: float, seed_recipe: float) -> dict:
+        return {recipe: {"ensemble_postprocessed": {"valid": {"dice": dice}, "test": {"dice": 1 - dice}}}
+                for recipe, dice in (("best", best), ("seed_recipe", seed_recipe))}
+
+    assert choose_shipped(entries(0.70, 0.72))[0] == "seed_recipe"  # clearly better on validation (test never read)
+    assert choose_shipped(entries(0.70, 0.7019))[0] == "best"  # within the margin: the sweep's choice stands
+    assert choose_shipped(entries(0.72, 0.70))[0] == "best"
+    shipped, why = choose_shipped({"seed_recipe": entries(0, 0.5)["seed_recipe"]})
+    assert (shipped, why) == ("seed_recipe", "no trial succeeded")
+    assert "best 0.7000, seed recipe 0.7200" in choose_shipped(entries(0.70, 0.72))[1]
+
+
 @pytest.mark.slow
 def test_final_stage_ensembles_postprocesses_and_never_reuses_stale_runs(tiny_data, tmp_path):
+    from search.finalize import choose_shipped
     from search.live import closing_block
     from search.report import build_report
     from search.retrain import retrain
@@ -95,12 +111,13 @@ def test_final_stage_ensembles_postprocesses_and_never_reuses_stale_runs(tiny_da
     assert summary["baselines"]["all_background"]["test"]["dice"] == pytest.approx(empty_share)  # empty/empty = 1, else 0
     assert 0 < summary["baselines"]["train_mean_box"]["test"]["dice"] < 1
 
-    # the shipped model: the 2 members of the best configuration and its post-processing reproduce the test Dice
-    assert summary["final_model"]["recipe"] == "best"
+    # the shipped model, chosen on validation: its 2 members and its post-processing reproduce its test Dice
+    shipped_recipe = summary["final_model"]["recipe"]
+    assert (shipped_recipe, summary["final_model"]["chosen_by"]) == choose_shipped({r: summary[r] for r in ("best", "seed_recipe")})
     assert summary["final_model"]["members"] == ["model/member0.pt", "model/member1.pt"]
     models, cfg, pp = load_final_model(run_dir)
-    assert len(models) == 2 and cfg.lr == GOOD["lr"] and cfg.epochs == 1
-    assert pp == load_postprocess(final / "postprocess.json") and pp.to_dict() == summary["best"]["postprocess"]
+    assert len(models) == 2 and cfg.lr == {"best": GOOD["lr"], "seed_recipe": 1e-4}[shipped_recipe] and cfg.epochs == 1
+    assert pp == load_postprocess(final / "postprocess.json") and pp.to_dict() == summary[shipped_recipe]["postprocess"]
     probs = predict_probabilities(models, test.images, cfg, test.native_hw, flip_tta=pp.flip_tta)
     dice = dice_per_image(mask_counts(apply_postprocess(probs, pp), test_masks)).mean()
     assert dice == pytest.approx(summary["final_model"]["test"]["dice"], abs=1e-9)
@@ -108,7 +125,7 @@ def test_final_stage_ensembles_postprocesses_and_never_reuses_stale_runs(tiny_da
         assert (final / name).is_file()
 
     page = build_report(run_dir).read_text()
-    shipped = summary["best"]["ensemble_postprocessed"]["test"]["dice"]
+    shipped = summary[shipped_recipe]["ensemble_postprocessed"]["test"]["dice"]
     assert "best configuration, ensemble of 2 (mean of probabilities)" in page and ": the shipped model" in page
     assert f"<td>{shipped:.4f}</td>" in page and "trivial baseline: all background" in page
     assert f"<td>{summary['baselines']['train_mean_box']['test']['dice']:.4f}</td>" in page
@@ -131,5 +148,5 @@ def test_final_stage_ensembles_postprocesses_and_never_reuses_stale_runs(tiny_da
     assert again["seed_recipe"]["ensemble"]["members"] == 1
     assert sorted(p.name for p in (final / "model").iterdir()) == ["member0.pt"]
     models, cfg, _ = load_final_model(run_dir)
-    assert len(models) == 1 and cfg.lr == 2e-3
+    assert len(models) == 1 and cfg.lr == {"best": 2e-3, "seed_recipe": 1e-4}[again["final_model"]["recipe"]]
     assert np.isfinite(again["final_model"]["test"]["dice"])
