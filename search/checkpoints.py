@@ -1,10 +1,11 @@
-"""Trial checkpoints on the sweep's storage: mended on ``--resume``, deleted once a trial is finished.
+"""Trials on the sweep's storage across a ``--resume``: checkpoints mended, finished trials kept finished.
 
 Tune keeps the latest two checkpoints of a trial (``CheckpointConfig(num_to_keep=2)``, see
 ``search.tuner``; with 1 it snapshots the whole experiment after every checkpoint). A trial's
 checkpoint (its resumable state: model, AdamW moments, best weights; about 165 MB for
 UNet-ResNet18) exists to continue the trial after a crash or an interrupted sweep. Two Ray Tune
-callbacks on the driver look after them; ``search.tuner.make_tuner`` registers both.
+callbacks on the driver look after trials and their checkpoints; ``search.tuner.make_tuner``
+registers both.
 
 ``ContinueFromSavedCheckpoint``: when a trial reports a checkpoint beyond the two kept, Tune
 registers it and deletes the oldest at once, and writes the experiment snapshot that names the
@@ -18,40 +19,41 @@ registered (a checkpoint is deleted only once two newer ones are), so it was com
 newer one may have been cut off mid-upload by the kill. The trial's next checkpoint is numbered
 after every folder there.
 
-``DeleteFinishedCheckpoints``: once a trial has finished (it ran its epochs, ASHA stopped it, or it
-failed with a recorded reason) nothing reads its checkpoints again: ``--resume`` restarts only
-unfinished trials (the mending above skips finished ones), and the retrain trains the best
-configuration from scratch. Kept, they would grow with the sweep (2,000 trials x 165 MB = 330 GB);
-deleted, the sweep holds checkpoints only for the trials running now. They go once Tune's
-experiment snapshot on the storage records the trial finished, never before, so a resumed driver
-never restarts a trial whose checkpoints are gone. Trials that end in ``ERROR`` (crashed more than
-``--max-failures`` times) keep theirs, for a look at what they had reached; ``--keep-checkpoints``
-keeps everything. A data-parallel trial's checkpoints are Ray Train's, in the trial's ``train/``
-folder; they go too. Deletion uses the checkpoint's own pyarrow filesystem (the storage's), so a
-URI storage (``s3://``, ``gs://``) is cleaned like a local folder, in one background thread, so a
-slow object store never holds up the driver's loop; the end of the experiment waits for it.
+``RecordTrialEnds``: when a trial has finished (it ran its epochs, ASHA stopped it, or it failed with
+a recorded reason) its last result is written to ``end.json`` in its folder, at once and before the
+study and trials.csv are told. Tune's snapshot is written only now and then (about once per
+epoch-time of the sweep, or every 10 s), and a snapshot per finished trial would cost O(trials) each,
+O(trials^2) over a sweep; the record costs one small file per trial. ``--resume`` trusts it: a trial
+the snapshot still shows unfinished but with an ``end.json`` ends as recorded, without training
+again. Then nothing reads the trial's checkpoints again (the retrain trains the best configuration
+from scratch); kept, they would grow with the sweep (2,000 trials x 165 MB = 330 GB), so they are
+deleted and the sweep holds checkpoints only for the trials running now. Trials that end in
+``ERROR`` (crashed more than ``--max-failures`` times) keep theirs, for a look at what they had
+reached; ``--keep-checkpoints`` keeps everything. A data-parallel trial's checkpoints are Ray
+Train's, in the trial's ``train/`` folder; they go too. Writing and deleting use the storage's
+pyarrow filesystem, so a URI storage (``s3://``, ``gs://``) is handled like a local folder;
+deletions run in one background thread, so a slow object store never holds up the driver's loop.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
+import os
 import posixpath
 import re
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from ray.tune import Callback
 
+from search.rundir import TRIAL_END_JSON, read_trial_end, write_trial_end
 from search.trainable import STATE_FILE, TRAIN_DIR, restored_state
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint_"  # Tune's checkpoint folders in a trial's folder (and partial ones)
 CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)$")  # a complete name: its index
 RESULT_FILE = "result.json"  # Tune's per-trial results, one JSON line per report
-SNAPSHOT_PATTERN = "experiment_state-*.json"  # Tune's experiment snapshots, one per driver session
 
 
 # ----------------------------------------------------------------------------- --resume: a named checkpoint gone
@@ -188,67 +190,54 @@ def delete_trial_checkpoints(filesystem, trial_path: str) -> int:
     return len(doomed)
 
 
-def recorded_finished(filesystem, experiment_path: str) -> set[str] | None:
-    """Ids of the trials that the newest experiment snapshot on the storage records TERMINATED
-    (None: no snapshot there, or one being written; Ray's own format, read as Tune's restore reads it)."""
-    from pyarrow.fs import FileSelector
+class RecordTrialEnds(Callback):
+    """Records each finished trial on the storage, and on ``--resume`` keeps it finished; deletes its checkpoints.
 
-    entries = filesystem.get_file_info(FileSelector(experiment_path, allow_not_found=True))
-    snapshots = sorted(e.path for e in entries if fnmatch.fnmatch(posixpath.basename(e.path), SNAPSHOT_PATTERN))
-    if not snapshots:
-        return None
-    try:
-        with filesystem.open_input_stream(snapshots[-1]) as stream:
-            state = json.loads(stream.readall())
-        trials = [json.loads(trial_json) for trial_json, _ in state["trial_data"]]
-    except (OSError, ValueError, KeyError, TypeError):  # being written, or cut off
-        return None
-    return {t["trial_id"] for t in trials if t.get("status") == "TERMINATED"}
-
-
-class DeleteFinishedCheckpoints(Callback):
-    """Deletes a trial's checkpoints once Tune's experiment snapshot on the storage records it finished.
-
-    Not at once: until the snapshot on the storage says so, a driver that dies would come back
-    believing the trial unfinished and restore it from those checkpoints. Whenever Tune writes a
-    snapshot (``get_state`` is called while it does) and at the end of the experiment (after Tune's
-    final snapshot, written and uploaded), a background thread reads the newest snapshot on the
-    storage and deletes the checkpoints of the finished trials it records; the others wait for a
-    later one (an upload still running, or skipped by Tune's syncer, only delays them). A trial that
-    finished just before a killed driver's last snapshot comes back finished on ``--resume`` without
-    a completion event: the resumed driver queues those on its first step.
+    When a trial ends (it ran its epochs, ASHA stopped it, or it failed with a recorded reason) its
+    last result goes to ``end.json`` in its folder (``search.rundir.write_trial_end``), before the
+    study and trials.csv are told (this callback comes first). Tune's experiment snapshot, which
+    ``--resume`` restores, is written only now and then, so a driver killed in between would bring the
+    trial back unfinished and train it again. On the resumed driver's first step, before Tune starts
+    any trial, a restored unfinished trial with an ``end.json`` gets that last result back and loses
+    its checkpoint; the trainable (``search.trainable.tune_trainable``) finds the same file and returns
+    at once, so the trial ends as it had, nothing trained or reported twice. Then, unless
+    ``delete_checkpoints`` is off (``--keep-checkpoints``), its checkpoints are deleted in a background
+    thread (a slow object store never holds up the driver's loop; the end of the experiment waits for
+    it), as are those of trials that came back finished from the snapshot with no end event.
     """
 
-    def __init__(self):
+    def __init__(self, delete_checkpoints: bool = True):
+        self.delete_checkpoints = delete_checkpoints
         self._executor: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
-        self._pending: list[tuple] = []  # (trial id, filesystem, folders, name) finished, not yet deleted
-        self._experiment: tuple | None = None  # (filesystem, path) of the experiment folder on the storage
-        self._resumed_checked = False
+        self._restored_checked = False
         self.deleted = 0  # checkpoint folders deleted
 
     def __getstate__(self):  # pickled in tuner.pkl and unpickled on --resume
-        return {}
+        return {"delete_checkpoints": self.delete_checkpoints}
 
     def __setstate__(self, state):
-        self.__init__()
+        self.__init__(**state)
 
     def on_step_begin(self, iteration, trials, **info):
-        if not self._resumed_checked:  # finished before the last snapshot of a stopped driver
-            self._resumed_checked = True
-            for trial in trials:
-                if trial.status == "TERMINATED":
-                    self._queue(trial)
+        if self._restored_checked:
+            return
+        self._restored_checked = True
+        for trial in trials:
+            if trial.status == "TERMINATED":  # finished before the last snapshot; its deletion may not have run
+                self._delete(trial)
+            elif trial.status != "ERROR" and keep_finished(trial):
+                print(f"{trial}: it had finished before the driver stopped ({TRIAL_END_JSON}); "
+                      "it ends as it had, without training again", file=sys.stderr)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._queue(trial)
+        try:
+            write_trial_end(trial.storage.storage_filesystem, trial.path, trial.last_result)
+        except Exception as err:  # noqa: BLE001 - the sweep goes on; a --resume would train it again
+            logger.warning("%s: could not record its end under %s (%s)", trial, trial.path, err)
+            return
+        self._delete(trial)
 
-    def get_state(self):  # Tune is writing a snapshot of the experiment
-        self._submit()
-        # nothing to restore: no return value
-
-    def on_experiment_end(self, trials, **info):  # after Tune's final snapshot (none if the loop failed)
-        self._submit()
+    def on_experiment_end(self, trials, **info):
         self.wait()
 
     def wait(self) -> None:
@@ -257,36 +246,46 @@ class DeleteFinishedCheckpoints(Callback):
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    def _queue(self, trial) -> None:
-        checkpoint = trial.checkpoint  # the latest one, registered before Tune completes the trial
-        if checkpoint is not None:
-            filesystem, trial_path = checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/"))
-        else:  # none through Tune; a data-parallel trial keeps Ray Train's in its train/ folder
-            filesystem, trial_path = trial.storage.storage_filesystem, trial.path
-        if self._experiment is None:
-            self._experiment = (trial.storage.storage_filesystem, trial.storage.experiment_fs_path)
-        with self._lock:
-            self._pending.append((trial.trial_id, filesystem, [trial_path, posixpath.join(trial_path, TRAIN_DIR)], str(trial)))
-
-    def _submit(self) -> None:
-        if not self._pending:
+    def _delete(self, trial) -> None:
+        if not self.delete_checkpoints:
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="delete-checkpoints")
-        self._executor.submit(self._delete_recorded)
+        folders = [trial.path, posixpath.join(trial.path, TRAIN_DIR)]
+        self._executor.submit(self._delete_folders, trial.storage.storage_filesystem, folders, str(trial))
 
-    def _delete_recorded(self) -> None:
-        try:
-            recorded = recorded_finished(*self._experiment) or set()
-        except Exception as err:  # noqa: BLE001 - a checkpoint left behind costs disk, not results
-            logger.warning("could not read Tune's experiment snapshot on the storage (%s); checkpoints kept for now", err)
-            return
-        with self._lock:
-            doomed = [p for p in self._pending if p[0] in recorded]
-            self._pending = [p for p in self._pending if p[0] not in recorded]
-        for _, filesystem, folders, name in doomed:
-            for folder in folders:
-                try:
-                    self.deleted += delete_trial_checkpoints(filesystem, folder)
-                except Exception as err:  # noqa: BLE001 - a checkpoint left behind costs disk, not results
-                    logger.warning("%s: could not delete its checkpoints under %s (%s)", name, folder, err)
+    def _delete_folders(self, filesystem, folders: list[str], name: str) -> None:
+        for folder in folders:
+            try:
+                self.deleted += delete_trial_checkpoints(filesystem, folder)
+            except Exception as err:  # noqa: BLE001 - a checkpoint left behind costs disk, not results
+                logger.warning("%s: could not delete its checkpoints under %s (%s)", name, folder, err)
+
+
+def keep_finished(trial) -> bool:
+    """Whether a restored, unfinished Tune trial had in fact finished (its ``end.json`` is there); if
+    so, it gets its recorded last result back and no checkpoint to restore (it may be deleted).
+
+    Tune's loggers append to a trial's ``result.json`` and ``progress.csv`` in the driver's staging
+    folder and copy that over the storage's; they fetch the storage's first only for a trial with a
+    checkpoint. This one has none, so they are fetched here, or its results would start empty.
+    """
+    from pyarrow.fs import FileType, LocalFileSystem, copy_files
+    from ray.tune.result import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE
+
+    filesystem = trial.storage.storage_filesystem
+    end = read_trial_end(filesystem, trial.path)
+    if end is None:
+        return False
+    for name in (EXPR_RESULT_FILE, EXPR_PROGRESS_FILE):
+        source, staged = posixpath.join(trial.path, name), os.path.join(trial.local_path, name)
+        if filesystem.get_file_info(source).type == FileType.File and not os.path.exists(staged):
+            os.makedirs(trial.local_path, exist_ok=True)
+            copy_files(source, staged, source_filesystem=filesystem, destination_filesystem=LocalFileSystem())
+    trial.update_last_result(end)
+    manager = trial.run_metadata.checkpoint_manager  # Ray has no public way; see continue_from_saved_checkpoint
+    manager._checkpoint_results = []
+    manager._latest_checkpoint_result = None
+    trial.invalidate_json_state()
+    trial.run_metadata.invalidate_cache()
+    return True

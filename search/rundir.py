@@ -4,7 +4,8 @@
     trials.csv         one row per trial (``search.trials``)
     study.db           the Optuna study, SQLite (``search.study``; not written with --study-storage URL)
     best_config.json   the best trial's parameters and full TrainConfig
-    tune/              Ray Tune's experiment folder, one ``trial_NNN_<id>/`` per trial
+    tune/              Ray Tune's experiment folder, one ``trial_NNN_<id>/`` per trial; a finished
+                       trial's folder holds ``end.json`` (``write_trial_end``): its last result
     data_summary.txt   dataset, splits, trivial baselines (``python -m tumorseg.data`` in three lines)
     splits.json        the valid/test carve by case, when the data had none (reused by resume and retrain)
     final/             the final stage (``search.retrain``), below
@@ -57,6 +58,7 @@ FINAL_EPOCHS_FACTOR = 3  # --final-epochs default: this many times --epochs (REA
 REPORT_HTML = "report.html"
 RAY_LOG = "ray.log"  # Ray's and Optuna's own log (the terminal shows the live view)
 STUDY_DB = "study.db"  # the Optuna study (SQLite) unless --study-storage names a database
+TRIAL_END_JSON = "end.json"  # in a finished trial's folder under tune/: its last result (write_trial_end)
 DRIVER_FILES = (SWEEP_JSON, TRIALS_CSV, BEST_CONFIG_JSON, SPLITS_JSON, DATA_SUMMARY_TXT, FINAL_DIR, STUDY_DB)  # what --resume downloads from a URI
 
 
@@ -219,6 +221,34 @@ def write_json(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)  # readers never see half a file
+
+
+def write_trial_end(filesystem, trial_path: str, result: dict) -> None:
+    """Record that a trial has finished: its last result as ``TRIAL_END_JSON`` in its folder.
+
+    ``filesystem`` is the storage's pyarrow filesystem (a local folder or ``s3://``); one small file
+    per trial, written when the trial ends, so the record costs the same at 20 trials or 2,000. A
+    ``--resume`` trusts it over Tune's experiment snapshot, which is written only now and then
+    (``search.checkpoints.RecordTrialEnds``).
+    """
+    path = f"{trial_path.rstrip('/')}/{TRIAL_END_JSON}"
+    with filesystem.open_output_stream(path + ".tmp") as stream:
+        stream.write(json.dumps(result, default=_plain).encode())
+    filesystem.move(path + ".tmp", path)  # readers never see half a file
+
+
+def _plain(value):
+    """A value JSON cannot write as itself: a numpy scalar as its number, anything else as its text."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def read_trial_end(filesystem, trial_path: str) -> dict | None:
+    """A trial's recorded last result (None: not recorded finished)."""
+    try:
+        with filesystem.open_input_stream(f"{trial_path.rstrip('/')}/{TRIAL_END_JSON}") as stream:
+            return json.loads(stream.readall())
+    except (OSError, ValueError):  # none there (FileNotFoundError is an OSError)
+        return None
 
 
 # ----------------------------------------------------------------------------- retrain runs

@@ -28,7 +28,7 @@ from tumorseg.config import TrainConfig
 from tumorseg.data import Split, load_split
 
 from search.datapath import trial_data
-from search.rundir import dir_for, trial_index
+from search.rundir import dir_for, read_trial_end, trial_index
 
 STATE_FILE = "state.pt"
 CHECKPOINT_COST_SHARE = 0.05  # checkpoints take at most ~5 % of a trial's time (checkpointing_report)
@@ -129,18 +129,15 @@ def restored_state(checkpoint, load=load_state) -> dict | None:
 
 
 def checkpointing_report(report_fn, checkpoint_cls, may_checkpoint: bool = True, save=save_state,
-                         cost_share: float = CHECKPOINT_COST_SHARE, clock=time.perf_counter,
-                         final_epoch: int | None = None) -> Report:
+                         cost_share: float = CHECKPOINT_COST_SHARE, clock=time.perf_counter) -> Report:
     """A ``Report`` over Ray's ``report_fn`` that saves the state (``save(state, directory)``) as a
     ``checkpoint_cls`` when asked and when it is due.
 
     Due: the first time, then once the time since the last checkpoint is at least its cost (save,
     plus Tune copying it into the storage) / ``cost_share``, so checkpoints take at most about that
     share of a trial's time. With minutes-long epochs that is every epoch; with epochs of a few
-    seconds and a 165 MB state, every few epochs (a crash then repeats those few). Always at
-    ``final_epoch``: a trial that ends before Tune's next snapshot of the experiment records it
-    finished is restored by ``--resume`` from that checkpoint and trains nothing again (its
-    checkpoints are deleted once a snapshot records it, ``search.checkpoints``). A checkpointed
+    seconds and a 165 MB state, every few epochs (a crash then repeats those few). A finished trial
+    needs none: its end is recorded apart (``search.checkpoints.RecordTrialEnds``). A checkpointed
     report carries ``checkpoint_s``. ``may_checkpoint=False`` (a non-zero rank) only reports,
     never building the state.
     """
@@ -148,8 +145,7 @@ def checkpointing_report(report_fn, checkpoint_cls, may_checkpoint: bool = True,
 
     def report(metrics: dict, checkpoint_fn) -> None:
         started = clock()
-        due = (last["end"] is None or started - last["end"] >= last["cost_s"] / cost_share
-               or metrics.get("epoch") == final_epoch)
+        due = last["end"] is None or started - last["end"] >= last["cost_s"] / cost_share
         if checkpoint_fn is None or not may_checkpoint or not due:
             report_fn(metrics)
             return
@@ -177,6 +173,9 @@ def tune_trainable(params: dict, *, base: dict, data_ref, encoder_states=None, t
     from ray import tune
 
     context = tune.get_context()
+    storage_context = context.get_storage()
+    if read_trial_end(storage_context.storage_filesystem, storage_context.trial_fs_path) is not None:
+        return  # it had finished before a stopped driver's last snapshot (search.checkpoints.RecordTrialEnds)
     extra = {
         "trial_start_ts": time.time(),  # this attempt's start, for the report's timeline
         "trial_index": trial_index(context.get_trial_name()),
@@ -187,8 +186,7 @@ def tune_trainable(params: dict, *, base: dict, data_ref, encoder_states=None, t
         _run_train_workers(params, base, data_ref, encoder_states, threads, workers, extra, train_storage)
         return
     extra.update(_placement())
-    report = checkpointing_report(tune.report, tune.Checkpoint, save=save or save_state,
-                                  final_epoch=TrainConfig.from_dict({**base, **params}).epochs)
+    report = checkpointing_report(tune.report, tune.Checkpoint, save=save or save_state)
     (run or run_trial)(params, base=base, data=trial_data(data_ref, params.get("resize_px")), report=report, threads=threads,
                        restore_state=restored_state(tune.get_checkpoint(), load or load_state), encoder_states=encoder_states,
                        extra=extra)
@@ -256,8 +254,7 @@ def train_worker(config: dict) -> None:
     context = train.get_context()
     extra = {**config["extra"], **_placement(), "world_size": context.get_world_size()}
     # every rank reports (a collective); rank 0 alone builds and hands over the checkpoint
-    report = checkpointing_report(train.report, train.Checkpoint, may_checkpoint=context.get_world_rank() == 0,
-                                  final_epoch=TrainConfig.from_dict({**config["base"], **config["params"]}).epochs)
+    report = checkpointing_report(train.report, train.Checkpoint, may_checkpoint=context.get_world_rank() == 0)
     run_trial(config["params"], base=config["base"], data=trial_data(config["data_ref"], config["params"].get("resize_px")), report=report,
               restore_state=restored_state(train.get_checkpoint()), encoder_states=config["encoder_states"], extra=extra,
               threads=round(config["threads"]))

@@ -130,17 +130,16 @@ def make_tuner(settings: SweepSettings, space: SearchSpace, trainable, max_concu
                storage_url: str | None = None):
     from ray import tune
 
-    from search.checkpoints import ContinueFromSavedCheckpoint, DeleteFinishedCheckpoints
+    from search.checkpoints import ContinueFromSavedCheckpoint, RecordTrialEnds
     from search.studysearch import StudyCallback
 
-    # both pickled with the experiment, so a --resume runs them too: the first mends restored trials
-    # whose named checkpoint is gone; the last deletes finished trials' checkpoints once a snapshot
-    # records them finished (the other callbacks have seen the trial end by then)
+    # pickled with the experiment, so a --resume runs them too. In this order: a trial's end is on the
+    # storage before the study and trials.csv are told, and on a resume's first step the trials that
+    # had finished end as recorded before the rest are mended (search.checkpoints)
     callbacks = [ContinueFromSavedCheckpoint(), *callbacks]
-    if not settings.keep_checkpoints:
-        callbacks.append(DeleteFinishedCheckpoints())
-    if storage_url is not None:  # mirrors every trial into the study; first, so what trials.csv shows is in the study
+    if storage_url is not None:  # mirrors every trial into the study, so what trials.csv shows is in the study
         callbacks = [StudyCallback(settings.name, storage_url, settings.epochs, METRIC), *callbacks]
+    callbacks = [RecordTrialEnds(delete_checkpoints=not settings.keep_checkpoints), *callbacks]
 
     return tune.Tuner(
         trainable,
@@ -159,7 +158,7 @@ def make_tuner(settings: SweepSettings, space: SearchSpace, trainable, max_concu
             # the latest epoch's state, and the one before it: with 1, Tune snapshots the whole
             # experiment (every trial and the searcher) after every checkpoint of every trial, a cost
             # per result that grows with the trials; with 2, about once per epoch-time of the sweep.
-            # Finished trials' checkpoints are deleted (search.checkpoints).
+            # Finished trials are recorded apart and their checkpoints deleted (search.checkpoints).
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
             verbose=2 if settings.verbose else 0,  # 0: search.live's view instead of Tune's status boxes

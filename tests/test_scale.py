@@ -176,46 +176,65 @@ def _trial_folder(root, name):
     return trial
 
 
-def _snapshot(root, session: str, finished: list[str], running: list[str] = ()) -> None:
-    """Tune's experiment snapshot on the storage (as much of Ray's format as is read)."""
-    trial_data = [[json.dumps({"trial_id": t, "status": s}), "{}"] for ts, s in ((finished, "TERMINATED"), (running, "RUNNING")) for t in ts]
-    (root / f"experiment_state-{session}.json").write_text(json.dumps({"trial_data": trial_data}))
+def _trial(folder, status="TERMINATED", last_result=None):
+    """A Tune trial as much as RecordTrialEnds reads it, its folder on a file:// storage (the same pyarrow
+    calls as s3://)."""
+    from pyarrow.fs import LocalFileSystem
+
+    manager = SimpleNamespace(_checkpoint_results=["named"], _latest_checkpoint_result="named")
+    trial = FakeTrial(name=folder.name, status=status, path=str(folder), last_result=last_result or {},
+                      local_path=str(folder.parent / "staging" / folder.name),  # the driver's, synced to the storage
+                      storage=SimpleNamespace(storage_filesystem=LocalFileSystem()),
+                      run_metadata=SimpleNamespace(checkpoint_manager=manager, invalidate_cache=lambda: None),
+                      invalidate_json_state=lambda: None)
+    trial.update_last_result = lambda result: setattr(trial, "last_result", result)
+    return trial
 
 
-def _finished_trial(root, folder, trial_id, status="TERMINATED"):
-    from ray.tune import Checkpoint
+def test_a_finished_trial_is_recorded_before_its_checkpoints_go_and_a_resume_keeps_it_finished(tmp_path, capsys):
+    import numpy as np
 
-    storage = SimpleNamespace(storage_filesystem=None, experiment_fs_path=str(root))
-    checkpoint = Checkpoint((folder / "checkpoint_000003").as_uri())  # a file:// URI: the same pyarrow path as s3://
-    storage.storage_filesystem = checkpoint.filesystem
-    return FakeTrial(name=folder.name, trial_id=trial_id, status=status, checkpoint=checkpoint, storage=storage)
+    from search.checkpoints import RecordTrialEnds
+    from search.rundir import read_trial_end
 
-
-def test_finished_trials_checkpoints_go_once_the_snapshot_on_the_storage_records_them(tmp_path):
-    from search.checkpoints import DeleteFinishedCheckpoints
-
-    a, b = _trial_folder(tmp_path, "trial_000_a"), _trial_folder(tmp_path, "trial_001_b")
-    callback = DeleteFinishedCheckpoints()
-    callback.on_trial_complete(0, [], _finished_trial(tmp_path, a, "a"))
-    assert callback.get_state() is None  # a snapshot being written: none on the storage yet
+    a, b, c, d = (_trial_folder(tmp_path, f"trial_00{i}_{n}") for i, n in enumerate("abcd"))
+    callback = RecordTrialEnds()
+    end = {"epoch": 2, "best_val_dice": np.float32(0.25), "done": True}  # numpy, as a trial may report
+    callback.on_trial_complete(0, [], _trial(a, last_result=end))
     callback.wait()
-    assert (a / "checkpoint_000003").is_dir()
-    _snapshot(tmp_path, "2026-11-29_08-00-00", finished=["a"], running=["b"])  # uploaded: it records a finished
-    callback.on_trial_complete(0, [], _finished_trial(tmp_path, b, "b"))
-    callback.get_state()
-    callback.wait()
-    assert sorted(p.name for p in a.rglob("*")) == ["result.json", "train"]
-    # Tune's loop failed: no final snapshot, so b (running in the one on the storage) keeps its checkpoints
-    callback.on_experiment_end([])
-    assert (b / "checkpoint_000003").is_dir() and callback.deleted == 3
+    assert read_trial_end(_trial(a).storage.storage_filesystem, str(a)) == {"epoch": 2, "best_val_dice": 0.25, "done": True}
+    assert sorted(p.name for p in a.rglob("*")) == ["end.json", "result.json", "train"] and callback.deleted == 3
+    RecordTrialEnds(delete_checkpoints=False).on_trial_complete(0, [], _trial(b, last_result={"epoch": 3}))  # --keep-checkpoints
+    assert (b / "end.json").is_file() and (b / "checkpoint_000003").is_dir()
 
-    # --resume: b came back finished (its snapshot was written just before the kill), with no completion event
-    _snapshot(tmp_path, "2026-11-29_09-00-00", finished=["a", "b"])
-    resumed = DeleteFinishedCheckpoints()
-    resumed.on_step_begin(0, [_finished_trial(tmp_path, a, "a"), _finished_trial(tmp_path, b, "b"),
-                              _finished_trial(tmp_path, tmp_path / "trial_002_c", "c", status="PENDING")])
-    resumed.on_experiment_end([])  # after the final snapshot
-    assert sorted(p.name for p in b.rglob("*")) == ["result.json", "train"] and resumed.deleted == 3
+    # --resume, from a snapshot taken before a and b ended: both come back unfinished with an older result
+    resumed = RecordTrialEnds()
+    trials = [_trial(a, "PENDING", {"epoch": 1}), _trial(b, "PENDING", {"epoch": 1}), _trial(c, "PENDING", {"epoch": 1}),
+              _trial(d, "TERMINATED", {"epoch": 3})]  # d: finished in the snapshot, killed before its deletion ran
+    resumed.on_step_begin(0, trials)
+    resumed.on_step_begin(1, trials)  # the first step only
+    resumed.wait()
+    assert [t.last_result for t in trials[:3]] == [{"epoch": 2, "best_val_dice": 0.25, "done": True}, {"epoch": 3}, {"epoch": 1}]
+    managers = [t.run_metadata.checkpoint_manager for t in trials[:3]]
+    assert [(m._checkpoint_results, m._latest_checkpoint_result) for m in managers] == [([], None), ([], None), (["named"], "named")]
+    assert (c / "checkpoint_000003").is_dir() and not (c / "end.json").exists()  # c was running: it continues
+    assert not list(d.glob("checkpoint_*")) and (b / "checkpoint_000003").is_dir()  # b's go when it ends again
+    assert capsys.readouterr().err.count("it had finished before the driver stopped (end.json)") == 2
+    # Tune's logger appends to the staged result.json and copies it over the storage's: fetched first
+    assert (tmp_path / "staging" / a.name / "result.json").read_text() == '{"epoch": 3}\n'
+    assert not (tmp_path / "staging" / c.name).exists()
+
+
+def test_a_trial_whose_end_cannot_be_recorded_keeps_its_checkpoints(tmp_path, caplog):
+    from search.checkpoints import RecordTrialEnds
+
+    folder = _trial_folder(tmp_path, "trial_000_a")
+    trial = _trial(folder, last_result={"epoch": 2})
+    trial.path = str(tmp_path / "gone" / "trial_000_a")  # the storage refuses the write
+    callback = RecordTrialEnds()
+    callback.on_trial_complete(0, [], trial)
+    callback.wait()
+    assert "could not record its end" in caplog.text and (folder / "checkpoint_000003").is_dir()
 
 
 def test_a_resumed_trial_continues_from_the_oldest_newer_checkpoint_and_its_leftovers_go_when_it_finishes(tmp_path):
@@ -225,7 +244,7 @@ def test_a_resumed_trial_continues_from_the_oldest_newer_checkpoint_and_its_left
 
     from ray.tune import Checkpoint
 
-    from search.checkpoints import DeleteFinishedCheckpoints, continue_from_saved_checkpoint
+    from search.checkpoints import RecordTrialEnds, continue_from_saved_checkpoint
     from search.trainable import STATE_FILE
 
     trial_dir = tmp_path / "trial_000_a"
@@ -244,17 +263,15 @@ def test_a_resumed_trial_continues_from_the_oldest_newer_checkpoint_and_its_left
     assert mended.metrics["epoch"] == 3 and trial.storage.current_checkpoint_index == 5
     assert continue_from_saved_checkpoint(FakeTrial(name="t", latest_checkpoint_result=mended)) is None  # there: nothing to mend
 
-    (trial_dir / "checkpoint_000006").mkdir()
-    trial.checkpoint = Checkpoint((trial_dir / "checkpoint_000006").as_uri())  # it ran on and finished
-    trial.trial_id, trial.storage.storage_filesystem, trial.storage.experiment_fs_path = "a", trial.checkpoint.filesystem, str(tmp_path)
-    _snapshot(tmp_path, "2026-11-29_08-00-00", finished=["a"])
-    callback = DeleteFinishedCheckpoints()
+    (trial_dir / "checkpoint_000006").mkdir()  # it ran on and finished
+    trial.path, trial.last_result, trial.storage.storage_filesystem = str(trial_dir), {"epoch": 6}, mended.checkpoint.filesystem
+    callback = RecordTrialEnds()
     callback.on_trial_complete(0, [trial], trial)
     callback.on_experiment_end([trial])
     assert not list(trial_dir.glob("checkpoint_*")) and callback.deleted == 4
 
 
-def test_the_tuner_registers_both_checkpoint_callbacks(tmp_path):
+def test_the_tuner_records_ends_first_and_mends_checkpoints(tmp_path):
     import dataclasses
 
     from search.rundir import SweepSettings
@@ -263,12 +280,15 @@ def test_the_tuner_registers_both_checkpoint_callbacks(tmp_path):
 
     settings = SweepSettings(name="c", num_samples=4, storage=str(tmp_path))
 
-    def names(keep: bool) -> list[str]:
-        tuner = make_tuner(dataclasses.replace(settings, keep_checkpoints=keep), SearchSpace(), lambda config: None, 2, [])
-        return [type(c).__name__ for c in tuner._local_tuner._run_config.callbacks]
+    def callbacks(keep: bool, storage_url=None) -> list:
+        tuner = make_tuner(dataclasses.replace(settings, keep_checkpoints=keep), SearchSpace(), lambda config: None, 2, [],
+                           storage_url)
+        return tuner._local_tuner._run_config.callbacks
 
-    assert names(keep=False) == ["ContinueFromSavedCheckpoint", "DeleteFinishedCheckpoints"]
-    assert names(keep=True) == ["ContinueFromSavedCheckpoint"]  # --keep-checkpoints
+    # the end on the storage before the study is told (a kill in between: the study is told on --resume)
+    names = [type(c).__name__ for c in callbacks(False, f"sqlite:///{tmp_path / 'study.db'}")]
+    assert names == ["RecordTrialEnds", "StudyCallback", "ContinueFromSavedCheckpoint"]
+    assert callbacks(False)[0].delete_checkpoints and not callbacks(True)[0].delete_checkpoints  # --keep-checkpoints
 
 
 # ----------------------------------------------------------------------------- trials.csv at a bounded rate
@@ -382,12 +402,11 @@ def test_checkpoints_are_written_when_their_cost_is_a_small_share_of_the_time_si
 
     checkpoint_cls = SimpleNamespace(from_directory=lambda directory: "checkpoint")
     report = checkpointing_report(lambda metrics, checkpoint=None: reports.append((metrics["epoch"], checkpoint)),
-                                  checkpoint_cls, save=save, cost_share=0.5, clock=lambda: now[0], final_epoch=7)
+                                  checkpoint_cls, save=save, cost_share=0.5, clock=lambda: now[0])
     for epoch, at in ((1, 0.0), (2, 2.0), (3, 3.0), (4, 4.5), (5, 6.0), (6, 7.5), (7, 8.0)):
         now[0] = at
         report({"epoch": epoch}, lambda: {"epoch": epoch})
-    # a checkpoint costs 1 s: due again once 1 / 0.5 = 2 s have passed since the last one ended;
-    # the final epoch's always (a finished trial resumed before Tune's snapshot trains nothing again)
-    assert reports == [(1, "checkpoint"), (2, None), (3, "checkpoint"), (4, None), (5, "checkpoint"), (6, None), (7, "checkpoint")]
+    # a checkpoint costs 1 s: due again once 1 / 0.5 = 2 s have passed since the last one ended
+    assert reports == [(1, "checkpoint"), (2, None), (3, "checkpoint"), (4, None), (5, "checkpoint"), (6, None), (7, None)]
     report({"epoch": 8}, None)  # nothing to save (a failed trial's report)
     assert reports[-1] == (8, None)

@@ -269,7 +269,7 @@ def test_best_config_retrained_and_scored_once_on_test(finished_sweep):
         assert (run_dir / "final" / name).is_file()
     assert (run_dir / "report.html").is_file()
     # Ray's experiment folder holds one trial folder per trial; every trial finished, so none keeps a
-    # checkpoint (deleted after Tune's final snapshot, search.checkpoints.DeleteFinishedCheckpoints)
+    # checkpoint (deleted once its end is recorded, search.checkpoints.RecordTrialEnds)
     trial_dirs = sorted((run_dir / "tune").glob("trial_*"))
     assert len(trial_dirs) == 6
     assert not any(list(d.glob("checkpoint_*")) for d in trial_dirs)
@@ -328,6 +328,23 @@ def _snapshot_checkpoints(run_dir) -> dict:
     return named
 
 
+def _forget_the_end(run_dir, finished_ids) -> str:
+    """Make Tune's newest snapshot show one of the finished trials still running at its first epoch, as a
+    snapshot taken before it ended does (Tune writes them only now and then); its trial name."""
+    path = sorted((run_dir / "tune").glob("experiment_state-*.json"))[-1]
+    state = json.loads(path.read_text())
+    for i, (trial_json, metadata_json) in enumerate(state["trial_data"]):
+        trial, metadata = json.loads(trial_json), json.loads(metadata_json)
+        if trial["trial_id"] in finished_ids:
+            folder = next((run_dir / "tune").glob(f"trial_*_{trial['trial_id']}"))
+            trial["status"] = "RUNNING"
+            metadata["last_result"] = json.loads((folder / "result.json").read_text().splitlines()[0])
+            state["trial_data"][i] = [json.dumps(trial), json.dumps(metadata)]
+            path.write_text(json.dumps(state))
+            return "_".join(folder.name.split("_")[:2])
+    raise AssertionError(f"no finished trial in {path.name}")
+
+
 @pytest.mark.slow
 def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_path):
     port = _free_port()
@@ -337,8 +354,11 @@ def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_pat
         args += ["--mlflow", str(tmp_path / "mlflow")]
     args[args.index("--no-dashboard")] = "--dashboard"
     args += ["--dashboard-port", str(port)]
+    # Tune's experiment snapshot every second (default: every 10 s or so, the cost of one spread out), so
+    # one soon names a trial's first checkpoint while the trial runs on
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     driver = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True)
+                              text=True, start_new_session=True, env=env)
     run_dir = paths["storage"] / "resumable"
     dashboard_ok = False
     try:
@@ -369,9 +389,11 @@ def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_pat
         os.rename(named, following)
     before = _finished_trials(run_dir).set_index("trial_id")
     lines_before = {tid: (run_dir / "tune" / row["trial_dir"] / "result.json").read_text().count("\n") for tid, row in before.iterrows()}
+    forgotten = _forget_the_end(run_dir, set(before.index))  # finished after Tune's last snapshot
 
     proc = run_cli(*sweep_args(paths, ray_tmp, "resumable", "--resume", "--no-retrain"), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{forgotten}: it had finished before the driver stopped (end.json)" in proc.stderr
     after = pd.read_csv(run_dir / "trials.csv")
     assert len(after) == 6 and after["trial_id"].is_unique  # nothing duplicated, nothing lost
     assert set(after["status"]) == {"COMPLETED"}
