@@ -130,7 +130,7 @@ class LiveViewCallback(Callback):
         self._live: set[str] = set()
         previous = read_table(self.run_dir)
         if previous is not None:  # a resumed sweep: count what the earlier run finished
-            self.progress.done_at_start = int(previous["status"].isin(FINISHED).sum())
+            self.progress.done_at_start = set(previous.loc[previous["status"].isin(FINISHED), "trial_id"].astype(str))
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment (and restores them on --resume)
         return {"args": self._args}

@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint_"  # Tune's checkpoint folders in a trial's folder (and partial ones)
 CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)$")  # a complete name: its index
 RESULT_FILE = "result.json"  # Tune's per-trial results, one JSON line per report
+LOGGED_FILES = (RESULT_FILE, "progress.csv")  # what Tune's loggers write per trial (JSON lines, CSV rows)
 
 
 # ----------------------------------------------------------------------------- --resume: a named checkpoint gone
@@ -130,9 +131,9 @@ def continue_from_saved_checkpoint(trial) -> tuple[str, str] | None:
     if not newer:
         return None
     name, checkpoint = posixpath.basename(newer[0]), Checkpoint(newer[0], filesystem)
-    # Tune restores the trial's last result from these metrics, and a trial resumed after its last
-    # epoch trains no more and ends with them: the line reported with that checkpoint, or (result.json
-    # reaches the storage with the snapshot, so it may lack it) the epoch the state itself ends at
+    # Tune restores the trial's last result from these metrics: the line reported with that
+    # checkpoint, or (result.json reaches the storage with the snapshot, so it may lack it) the epoch
+    # the state itself ends at
     metrics = reported_metrics(filesystem, trial_path, name) or _last_epoch_of(checkpoint) or dict(latest.metrics or {})
     mended = _TrainingResult(checkpoint=checkpoint, metrics=metrics)
     manager = trial.run_metadata.checkpoint_manager
@@ -194,8 +195,9 @@ class RecordTrialEnds(Callback):
     """Records each finished trial on the storage, and on ``--resume`` keeps it finished; deletes its checkpoints.
 
     When a trial ends (it ran its epochs, ASHA stopped it, or it failed with a recorded reason) its
-    last result goes to ``end.json`` in its folder (``search.rundir.write_trial_end``), before the
-    study and trials.csv are told (this callback comes first). Tune's experiment snapshot, which
+    results are copied to the storage and its last result goes to ``end.json`` in its folder
+    (``search.rundir.write_trial_end``), in the driver's loop, before the study and trials.csv are
+    told (this callback comes first). Tune's experiment snapshot, which
     ``--resume`` restores, is written only now and then, so a driver killed in between would bring the
     trial back unfinished and train it again. On the resumed driver's first step, before Tune starts
     any trial, a restored unfinished trial with an ``end.json`` gets that last result back and loses
@@ -225,12 +227,22 @@ class RecordTrialEnds(Callback):
         for trial in trials:
             if trial.status == "TERMINATED":  # finished before the last snapshot; its deletion may not have run
                 self._delete(trial)
-            elif trial.status != "ERROR" and keep_finished(trial):
+                continue
+            if trial.status == "ERROR":
+                continue
+            try:
+                kept = restore_recorded_end(trial)
+            except Exception as err:  # noqa: BLE001 - a storage hiccup here must not stop the resume
+                print(f"{trial}: could not read its {TRIAL_END_JSON} ({type(err).__name__}: {err}); "
+                      "Tune restores it as saved", file=sys.stderr)
+                continue
+            if kept:
                 print(f"{trial}: it had finished before the driver stopped ({TRIAL_END_JSON}); "
                       "it ends as it had, without training again", file=sys.stderr)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         try:
+            upload_logs(trial)  # first: the storage's results are whole whenever the end is recorded
             write_trial_end(trial.storage.storage_filesystem, trial.path, trial.last_result)
         except Exception as err:  # noqa: BLE001 - the sweep goes on; a --resume would train it again
             logger.warning("%s: could not record its end under %s (%s)", trial, trial.path, err)
@@ -262,30 +274,49 @@ class RecordTrialEnds(Callback):
                 logger.warning("%s: could not delete its checkpoints under %s (%s)", name, folder, err)
 
 
-def keep_finished(trial) -> bool:
-    """Whether a restored, unfinished Tune trial had in fact finished (its ``end.json`` is there); if
-    so, it gets its recorded last result back and no checkpoint to restore (it may be deleted).
+def upload_logs(trial) -> None:
+    """Copy the trial's result.json and progress.csv from the driver's staging folder to the storage.
+
+    Tune's loggers write them in the staging folder and sync them to the storage with its experiment
+    snapshots, now and then; a trial that ended since would otherwise be recorded finished with its
+    last epochs missing from the storage's copies.
+    """
+    from pyarrow.fs import LocalFileSystem, copy_files
+
+    filesystem = trial.storage.storage_filesystem
+    for name in LOGGED_FILES:
+        staged, stored = os.path.join(trial.local_path, name), posixpath.join(trial.path, name)
+        if not os.path.isfile(staged):
+            continue
+        if filesystem.type_name == "local" and os.path.exists(stored) and os.path.samefile(staged, stored):
+            continue
+        copy_files(staged, stored, source_filesystem=LocalFileSystem(), destination_filesystem=filesystem)
+
+
+def restore_recorded_end(trial) -> bool:
+    """If a restored, unfinished Tune trial had in fact finished (its ``end.json`` is there), give it
+    back its recorded last result and no checkpoint to restore (its checkpoints may be deleted);
+    whether it had.
 
     Tune's loggers append to a trial's ``result.json`` and ``progress.csv`` in the driver's staging
     folder and copy that over the storage's; they fetch the storage's first only for a trial with a
     checkpoint. This one has none, so they are fetched here, or its results would start empty.
     """
     from pyarrow.fs import FileType, LocalFileSystem, copy_files
-    from ray.tune.result import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE
 
     filesystem = trial.storage.storage_filesystem
     end = read_trial_end(filesystem, trial.path)
     if end is None:
         return False
-    for name in (EXPR_RESULT_FILE, EXPR_PROGRESS_FILE):
-        source, staged = posixpath.join(trial.path, name), os.path.join(trial.local_path, name)
-        if filesystem.get_file_info(source).type == FileType.File and not os.path.exists(staged):
-            os.makedirs(trial.local_path, exist_ok=True)
-            copy_files(source, staged, source_filesystem=filesystem, destination_filesystem=LocalFileSystem())
     trial.update_last_result(end)
     manager = trial.run_metadata.checkpoint_manager  # Ray has no public way; see continue_from_saved_checkpoint
     manager._checkpoint_results = []
     manager._latest_checkpoint_result = None
     trial.invalidate_json_state()
     trial.run_metadata.invalidate_cache()
+    for name in LOGGED_FILES:
+        stored, staged = posixpath.join(trial.path, name), os.path.join(trial.local_path, name)
+        if filesystem.get_file_info(stored).type == FileType.File and not os.path.exists(staged):
+            os.makedirs(trial.local_path, exist_ok=True)
+            copy_files(stored, staged, source_filesystem=filesystem, destination_filesystem=LocalFileSystem())
     return True

@@ -57,7 +57,7 @@ class SweepProgress:
         self.total_trials = total_trials
         self.slots = slots
         self.started_s = time.monotonic() if started_s is None else started_s
-        self.done_at_start = 0  # trials finished by an earlier run of a resumed sweep
+        self.done_at_start: set[str] = set()  # ids of the trials an earlier run of a resumed sweep finished
         self.rows: dict[str, tuple[str, dict]] = {}  # trial id -> (name, latest row)
 
     def update(self, trial_id: str, name: str, row: dict) -> None:
@@ -66,7 +66,9 @@ class SweepProgress:
     def header(self, now_s: float | None = None) -> str:
         now_s = time.monotonic() if now_s is None else now_s
         rows = [row for _, row in self.rows.values()]
-        done = self.done_at_start + sum(row["status"] in FINISHED for row in rows)
+        # this run's finished trials, and the earlier run's (one kept finished on resume ends again here)
+        new_done = sum(row["status"] in FINISHED for trial_id, (_, row) in self.rows.items() if trial_id not in self.done_at_start)
+        done = len(self.done_at_start) + new_done
         busy = sum(row["status"] == "RUNNING" for row in rows)
         elapsed = now_s - self.started_s
         scored = [(row["best_val_dice"], name) for name, row in self.rows.values()
@@ -74,7 +76,6 @@ class SweepProgress:
                   and row["status"] not in ("FAILED", "ERROR")]
         top = min(scored, key=lambda s: (-s[0], s[1]), default=None)  # ties: the earlier trial
         best = f"best {top[0]:.4f} ({top[1]})" if top else "best -"
-        new_done = done - self.done_at_start
         if done >= self.total_trials:
             eta = ""
         elif new_done:

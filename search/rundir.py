@@ -224,16 +224,27 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 def write_trial_end(filesystem, trial_path: str, result: dict) -> None:
-    """Record that a trial has finished: its last result as ``TRIAL_END_JSON`` in its folder.
+    """Record that a trial has finished: its last result as ``TRIAL_END_JSON`` in its folder, once.
 
     ``filesystem`` is the storage's pyarrow filesystem (a local folder or ``s3://``); one small file
     per trial, written when the trial ends, so the record costs the same at 20 trials or 2,000. A
     ``--resume`` trusts it over Tune's experiment snapshot, which is written only now and then
-    (``search.checkpoints.RecordTrialEnds``).
+    (``search.checkpoints.RecordTrialEnds``). A record already there is kept (a trial kept finished
+    by a resume ends again).
     """
+    from pyarrow.fs import FileType
+
     path = f"{trial_path.rstrip('/')}/{TRIAL_END_JSON}"
+    if filesystem.get_file_info(path).type == FileType.File:
+        return
+    filesystem.create_dir(trial_path, recursive=True)  # a trial that failed in its first epoch may have none yet
+    payload = json.dumps(result, default=_plain).encode()
+    if filesystem.type_name != "local":  # an object store's PUT is atomic already
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(payload)
+        return
     with filesystem.open_output_stream(path + ".tmp") as stream:
-        stream.write(json.dumps(result, default=_plain).encode())
+        stream.write(payload)
     filesystem.move(path + ".tmp", path)  # readers never see half a file
 
 
@@ -243,11 +254,12 @@ def _plain(value):
 
 
 def read_trial_end(filesystem, trial_path: str) -> dict | None:
-    """A trial's recorded last result (None: not recorded finished)."""
+    """A trial's recorded last result (None: not recorded finished). A storage that cannot be read
+    raises: "not finished" would train the trial again."""
     try:
         with filesystem.open_input_stream(f"{trial_path.rstrip('/')}/{TRIAL_END_JSON}") as stream:
             return json.loads(stream.readall())
-    except (OSError, ValueError):  # none there (FileNotFoundError is an OSError)
+    except FileNotFoundError:
         return None
 
 

@@ -175,7 +175,7 @@ def tune_trainable(params: dict, *, base: dict, data_ref, encoder_states=None, t
     context = tune.get_context()
     storage_context = context.get_storage()
     if read_trial_end(storage_context.storage_filesystem, storage_context.trial_fs_path) is not None:
-        return  # it had finished before a stopped driver's last snapshot (search.checkpoints.RecordTrialEnds)
+        return  # it had finished after a stopped driver's last snapshot (search.checkpoints.RecordTrialEnds)
     extra = {
         "trial_start_ts": time.time(),  # this attempt's start, for the report's timeline
         "trial_index": trial_index(context.get_trial_name()),

@@ -195,11 +195,12 @@ def test_two_worker_trial_matches_one_worker_and_its_checkpoint_loads(paths, ray
         assert two["train_loss"] != one["train_loss"]  # identical: each worker trained alone on every batch
         assert two["train_loss"] == pytest.approx(one["train_loss"], rel=0.04)
     checkpoints = list((pair_dir / "train").glob("checkpoint_*/state.pt"))
-    assert len(checkpoints) == 1  # rank 0 only, one kept: the last epoch's (always written)
+    assert len(checkpoints) == 1  # rank 0 only, one kept: the first epoch's, or the second's if it was due
     state = load_state(checkpoints[0].parent)
     model = create_model(None)
     model.load_state_dict(state["best_model"])
-    assert state["epoch"] == 2 and state["best_val_dice"] == pytest.approx(max(r["val_dice"] for r in pair))
+    assert state["epoch"] in (1, 2)
+    assert state["best_val_dice"] == pytest.approx(max(r["val_dice"] for r in pair[:state["epoch"]]))
 
 
 def _ddp_rank(rank: int, world: int, port: int, data, cfg_kw: dict, out: str) -> None:

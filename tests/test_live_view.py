@@ -30,6 +30,16 @@ def test_header_counts_finished_trials_busy_slots_best_and_eta():
         "-- 2/4 trials done, 1/2 slots busy, best 0.3000 (trial_000), 1:00 elapsed, ETA ~1:00"
 
 
+def test_header_of_a_resumed_sweep_counts_a_trial_finished_before_once():
+    progress = SweepProgress(total_trials=4, slots=2, started_s=0.0)
+    progress.done_at_start = {"a", "b"}  # the earlier run's; a had ended after Tune's last snapshot
+    progress.update("a", "trial_000", {"status": "COMPLETED", "best_val_dice": 0.3})  # it ends again, untrained
+    progress.update("c", "trial_002", {"status": "STOPPED_EARLY", "best_val_dice": 0.1})
+    # 3 of 4 done; this run finished 1 (c) in 60 s: the last takes about 60 s more
+    assert progress.header(now_s=60.0) == \
+        "-- 3/4 trials done, 0/2 slots busy, best 0.3000 (trial_000), 1:00 elapsed, ETA ~1:00"
+
+
 def test_ctrl_c_label_is_interrupted_and_asha_label_stays_stopped_early():
     assert trial_status("TERMINATED", {"epoch": 1}, 4, interrupted=True) == "INTERRUPTED"
     assert trial_status("TERMINATED", {"epoch": 1}, 4) == "STOPPED_EARLY"

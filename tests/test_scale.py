@@ -5,6 +5,7 @@ trials.csv written at a bounded rate, a report that stays legible, and the --sca
 """
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import optuna
@@ -198,12 +199,18 @@ def test_a_finished_trial_is_recorded_before_its_checkpoints_go_and_a_resume_kee
     from search.rundir import read_trial_end
 
     a, b, c, d = (_trial_folder(tmp_path, f"trial_00{i}_{n}") for i, n in enumerate("abcd"))
+    staged = tmp_path / "staging" / a.name  # Tune's logger writes here and syncs to the storage now and then
+    staged.mkdir(parents=True)
+    (staged / "result.json").write_text('{"epoch": 3}\n{"epoch": 4}\n')
     callback = RecordTrialEnds()
-    end = {"epoch": 2, "best_val_dice": np.float32(0.25), "done": True}  # numpy, as a trial may report
+    end = {"epoch": 4, "best_val_dice": np.float32(0.25), "done": True}  # numpy, as a trial may report
     callback.on_trial_complete(0, [], _trial(a, last_result=end))
+    callback.on_trial_complete(0, [], _trial(a, last_result={"epoch": 1}))  # ends again after a resume: kept
     callback.wait()
-    assert read_trial_end(_trial(a).storage.storage_filesystem, str(a)) == {"epoch": 2, "best_val_dice": 0.25, "done": True}
+    assert read_trial_end(_trial(a).storage.storage_filesystem, str(a)) == {"epoch": 4, "best_val_dice": 0.25, "done": True}
+    assert (a / "result.json").read_text() == '{"epoch": 3}\n{"epoch": 4}\n'  # whole on the storage with its end
     assert sorted(p.name for p in a.rglob("*")) == ["end.json", "result.json", "train"] and callback.deleted == 3
+    shutil.rmtree(staged)
     RecordTrialEnds(delete_checkpoints=False).on_trial_complete(0, [], _trial(b, last_result={"epoch": 3}))  # --keep-checkpoints
     assert (b / "end.json").is_file() and (b / "checkpoint_000003").is_dir()
 
@@ -214,27 +221,38 @@ def test_a_finished_trial_is_recorded_before_its_checkpoints_go_and_a_resume_kee
     resumed.on_step_begin(0, trials)
     resumed.on_step_begin(1, trials)  # the first step only
     resumed.wait()
-    assert [t.last_result for t in trials[:3]] == [{"epoch": 2, "best_val_dice": 0.25, "done": True}, {"epoch": 3}, {"epoch": 1}]
+    assert [t.last_result for t in trials[:3]] == [{"epoch": 4, "best_val_dice": 0.25, "done": True}, {"epoch": 3}, {"epoch": 1}]
     managers = [t.run_metadata.checkpoint_manager for t in trials[:3]]
     assert [(m._checkpoint_results, m._latest_checkpoint_result) for m in managers] == [([], None), ([], None), (["named"], "named")]
     assert (c / "checkpoint_000003").is_dir() and not (c / "end.json").exists()  # c was running: it continues
     assert not list(d.glob("checkpoint_*")) and (b / "checkpoint_000003").is_dir()  # b's go when it ends again
     assert capsys.readouterr().err.count("it had finished before the driver stopped (end.json)") == 2
     # Tune's logger appends to the staged result.json and copies it over the storage's: fetched first
-    assert (tmp_path / "staging" / a.name / "result.json").read_text() == '{"epoch": 3}\n'
+    assert (tmp_path / "staging" / a.name / "result.json").read_text() == '{"epoch": 3}\n{"epoch": 4}\n'
     assert not (tmp_path / "staging" / c.name).exists()
+
+    (c / "end.json").mkdir()  # a storage that cannot be read: said, and Tune restores the trial as saved
+    RecordTrialEnds().on_step_begin(0, [_trial(c, "PENDING", {"epoch": 1})])
+    assert "trial_002_c: could not read its end.json (OSError: " in capsys.readouterr().err
 
 
 def test_a_trial_whose_end_cannot_be_recorded_keeps_its_checkpoints(tmp_path, caplog):
     from search.checkpoints import RecordTrialEnds
 
+    from search.rundir import read_trial_end
+
     folder = _trial_folder(tmp_path, "trial_000_a")
     trial = _trial(folder, last_result={"epoch": 2})
-    trial.path = str(tmp_path / "gone" / "trial_000_a")  # the storage refuses the write
+    (tmp_path / "a-file").write_text("")
+    trial.path = str(tmp_path / "a-file")  # the storage refuses the write
     callback = RecordTrialEnds()
     callback.on_trial_complete(0, [], trial)
     callback.wait()
     assert "could not record its end" in caplog.text and (folder / "checkpoint_000003").is_dir()
+    # a trial that failed in its first epoch may have no folder on the storage yet: made
+    first = _trial(tmp_path / "trial_001_b", last_result={"epoch": 1, "failure_reason": "non-finite loss"})
+    RecordTrialEnds().on_trial_complete(0, [], first)
+    assert read_trial_end(first.storage.storage_filesystem, first.path)["failure_reason"] == "non-finite loss"
 
 
 def test_a_resumed_trial_continues_from_the_oldest_newer_checkpoint_and_its_leftovers_go_when_it_finishes(tmp_path):
@@ -265,6 +283,7 @@ def test_a_resumed_trial_continues_from_the_oldest_newer_checkpoint_and_its_left
 
     (trial_dir / "checkpoint_000006").mkdir()  # it ran on and finished
     trial.path, trial.last_result, trial.storage.storage_filesystem = str(trial_dir), {"epoch": 6}, mended.checkpoint.filesystem
+    trial.local_path = str(tmp_path / "staging" / trial_dir.name)  # nothing staged: nothing to upload
     callback = RecordTrialEnds()
     callback.on_trial_complete(0, [trial], trial)
     callback.on_experiment_end([trial])

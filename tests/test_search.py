@@ -335,7 +335,7 @@ def _forget_the_end(run_dir, finished_ids) -> str:
     state = json.loads(path.read_text())
     for i, (trial_json, metadata_json) in enumerate(state["trial_data"]):
         trial, metadata = json.loads(trial_json), json.loads(metadata_json)
-        if trial["trial_id"] in finished_ids:
+        if trial["trial_id"] in {str(i) for i in finished_ids}:  # pandas reads all-digit ids as numbers
             folder = next((run_dir / "tune").glob(f"trial_*_{trial['trial_id']}"))
             trial["status"] = "RUNNING"
             metadata["last_result"] = json.loads((folder / "result.json").read_text().splitlines()[0])
@@ -389,6 +389,9 @@ def test_killed_driver_then_resume_keeps_finished_trials(paths, ray_tmp, tmp_pat
         os.rename(named, following)
     before = _finished_trials(run_dir).set_index("trial_id")
     lines_before = {tid: (run_dir / "tune" / row["trial_dir"] / "result.json").read_text().count("\n") for tid, row in before.iterrows()}
+    for tid, row in before.iterrows():  # each finished trial's results are whole on the storage with its end
+        end = json.loads((run_dir / "tune" / row["trial_dir"] / "end.json").read_text())
+        assert lines_before[tid] == end["epoch"] == row["epochs_run"]
     forgotten = _forget_the_end(run_dir, set(before.index))  # finished after Tune's last snapshot
 
     proc = run_cli(*sweep_args(paths, ray_tmp, "resumable", "--resume", "--no-retrain"), timeout=900)
