@@ -71,6 +71,29 @@ def test_windowed_sampler_shows_only_the_best_and_the_latest_trials():
     assert inner.seen[4] == {0, 1, 2, 3}  # trial 4: everything fits the window
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_tpe_reads_the_study_once_per_proposal_through_the_window(monkeypatch):
+    """TPE asks for the trials several times per proposal; on a database each ask re-reads every
+    running trial, so the window serves them from one read."""
+    from search.sampler_window import WindowedSampler
+
+    def tpe():
+        return optuna.samplers.TPESampler(seed=3, n_startup_trials=5, multivariate=True, group=True, constant_liar=True)
+
+    reads = []
+    real = optuna.Study._get_trials
+    monkeypatch.setattr(optuna.Study, "_get_trials", lambda self, *a, **k: reads.append(1) or real(self, *a, **k))
+    counts = {}
+    for name, sampler in (("plain", tpe()), ("windowed", WindowedSampler(tpe(), recent=10, best=4))):
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        study.optimize(_objective, n_trials=20)
+        reads.clear()
+        for _ in range(3):
+            study.optimize(_objective, n_trials=1)
+        counts[name] = len(reads) / 3
+    assert counts["windowed"] == 1 and counts["plain"] >= 3
+
+
 def test_the_window_holds_tpes_best_pruned_trials_and_every_running_one():
     """ASHA stops most trials (PRUNED): TPE ranks COMPLETE ones first, then PRUNED by the last epoch
     reached and its value; an old trial still running stays visible to the constant liar."""
