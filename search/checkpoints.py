@@ -113,7 +113,6 @@ def continue_from_saved_checkpoint(trial) -> tuple[str, str] | None:
     """Point a restored Tune trial whose checkpoint is gone at the next one on storage.
 
     Returns the (missing, used) folder names, or None when nothing needed mending (or nothing could).
-    Ray has no public way to do this; the fields set are those ``Trial.on_checkpoint`` sets.
     """
     from ray.train._internal.session import _TrainingResult
     from ray.tune import Checkpoint
@@ -135,15 +134,20 @@ def continue_from_saved_checkpoint(trial) -> tuple[str, str] | None:
     # checkpoint, or (result.json reaches the storage with the snapshot, so it may lack it) the epoch
     # the state itself ends at
     metrics = reported_metrics(filesystem, trial_path, name) or _last_epoch_of(checkpoint) or dict(latest.metrics or {})
-    mended = _TrainingResult(checkpoint=checkpoint, metrics=metrics)
-    manager = trial.run_metadata.checkpoint_manager
-    manager._checkpoint_results = [mended]
-    manager._latest_checkpoint_result = mended
     # the index of the last checkpoint written: the trial's next one goes after every folder there
     trial.storage.current_checkpoint_index = saved[-1][0]
+    _restore_from(trial, _TrainingResult(checkpoint=checkpoint, metrics=metrics))
+    return posixpath.basename(missing), name
+
+
+def _restore_from(trial, checkpoint_result) -> None:
+    """Make ``checkpoint_result`` the one Tune restores the trial from (None: none, a fresh start).
+    Ray has no public way to do this; the fields set are those ``Trial.on_checkpoint`` sets."""
+    manager = trial.run_metadata.checkpoint_manager
+    manager._checkpoint_results = [checkpoint_result] if checkpoint_result is not None else []
+    manager._latest_checkpoint_result = checkpoint_result
     trial.invalidate_json_state()
     trial.run_metadata.invalidate_cache()
-    return posixpath.basename(missing), name
 
 
 class ContinueFromSavedCheckpoint(Callback):
@@ -281,16 +285,24 @@ def upload_logs(trial) -> None:
     snapshots, now and then; a trial that ended since would otherwise be recorded finished with its
     last epochs missing from the storage's copies.
     """
-    from pyarrow.fs import LocalFileSystem, copy_files
+    _copy_logged(trial, upload=True)
 
-    filesystem = trial.storage.storage_filesystem
+
+def _copy_logged(trial, upload: bool) -> None:
+    """Tune's per-trial logs between the driver's staging folder and the storage: up, or down where
+    the staging folder lacks them; a file that is the same on both sides stays."""
+    from pyarrow.fs import FileType, LocalFileSystem, copy_files
+
+    storage, local = trial.storage.storage_filesystem, LocalFileSystem()
     for name in LOGGED_FILES:
         staged, stored = os.path.join(trial.local_path, name), posixpath.join(trial.path, name)
-        if not os.path.isfile(staged):
+        if storage.type_name == "local" and os.path.exists(staged) and os.path.exists(stored) and os.path.samefile(staged, stored):
             continue
-        if filesystem.type_name == "local" and os.path.exists(stored) and os.path.samefile(staged, stored):
-            continue
-        copy_files(staged, stored, source_filesystem=LocalFileSystem(), destination_filesystem=filesystem)
+        if upload and os.path.isfile(staged):
+            copy_files(staged, stored, source_filesystem=local, destination_filesystem=storage)
+        elif not upload and not os.path.exists(staged) and storage.get_file_info(stored).type == FileType.File:
+            os.makedirs(trial.local_path, exist_ok=True)
+            copy_files(stored, staged, source_filesystem=storage, destination_filesystem=local)
 
 
 def restore_recorded_end(trial) -> bool:
@@ -302,21 +314,10 @@ def restore_recorded_end(trial) -> bool:
     folder and copy that over the storage's; they fetch the storage's first only for a trial with a
     checkpoint. This one has none, so they are fetched here, or its results would start empty.
     """
-    from pyarrow.fs import FileType, LocalFileSystem, copy_files
-
-    filesystem = trial.storage.storage_filesystem
-    end = read_trial_end(filesystem, trial.path)
+    end = read_trial_end(trial.storage.storage_filesystem, trial.path)
     if end is None:
         return False
     trial.update_last_result(end)
-    manager = trial.run_metadata.checkpoint_manager  # Ray has no public way; see continue_from_saved_checkpoint
-    manager._checkpoint_results = []
-    manager._latest_checkpoint_result = None
-    trial.invalidate_json_state()
-    trial.run_metadata.invalidate_cache()
-    for name in LOGGED_FILES:
-        stored, staged = posixpath.join(trial.path, name), os.path.join(trial.local_path, name)
-        if filesystem.get_file_info(stored).type == FileType.File and not os.path.exists(staged):
-            os.makedirs(trial.local_path, exist_ok=True)
-            copy_files(stored, staged, source_filesystem=filesystem, destination_filesystem=LocalFileSystem())
+    _restore_from(trial, None)
+    _copy_logged(trial, upload=False)
     return True
