@@ -26,6 +26,7 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from search import study as studydb
+from search.study_cache import DeltaCachedStorage
 from search.trials import trial_row
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 def _connect(study_name: str, redacted_url: str, sampler=None):
     import optuna
 
-    storage = studydb.open_storage(studydb.connect_url(study_name, redacted_url))
+    storage = DeltaCachedStorage(studydb.open_storage(studydb.connect_url(study_name, redacted_url)))
     return storage, optuna.load_study(study_name=study_name, storage=storage, sampler=sampler,
                                       pruner=optuna.pruners.NopPruner())
 
@@ -47,7 +48,7 @@ class StudySearch(OptunaSearch):
 
     def __init__(self, *, storage_url: str | None, study_name: str, **kwargs):
         self._storage_url = studydb.redact(storage_url) if storage_url else None
-        storage = studydb.open_storage(storage_url) if storage_url else None
+        storage = DeltaCachedStorage(studydb.open_storage(storage_url)) if storage_url else None
         super().__init__(study_name=study_name, storage=storage, **kwargs)
 
     def suggest(self, trial_id: str):

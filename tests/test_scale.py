@@ -193,6 +193,61 @@ def test_tpe_and_gp_propose_from_the_window_and_every_sampler_pickles_with_the_s
     assert restored.suggest("t1")
 
 
+# ----------------------------------------------------------------------------- the driver's reads of the study
+
+
+def _as_read(trials, finished_only=False) -> dict:
+    return {t.number: (t.state, t.params, t.values, t.intermediate_values, t.user_attrs) for t in trials
+            if t.state.is_finished() or not finished_only}
+
+
+def test_the_drivers_connection_reads_whole_only_the_trials_that_changed(tmp_path):
+    """With trials running, Optuna's cache re-reads each of them whole on every read of the study; the
+    driver's connection reads whole only new trials, trials another connection finished, and trials
+    it wrote itself, and then holds exactly what the database holds."""
+    from search.study import open_storage
+    from search.study_cache import DeltaCachedStorage
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    telling = optuna.create_study(study_name="s", storage=url, direction="maximize")  # StudyCallback's side
+    storage = DeltaCachedStorage(open_storage(url))
+    asking = optuna.load_study(study_name="s", storage=storage)  # the searcher's side
+    loaded, backend_read = [], storage._backend._get_trials
+
+    def counted(*args, **kwargs):
+        trials = backend_read(*args, **kwargs)
+        loaded.append(sorted(t.number for t in trials))
+        return trials
+
+    storage._backend._get_trials = counted
+    for i in range(6):  # proposals: each asks, samples and tags through the cached connection
+        trial = asking.ask()
+        trial.suggest_float("x", 0, 1)
+        trial.set_user_attr("tag", i)
+    asking.get_trials(deepcopy=False)
+    loaded.clear()
+    asking.get_trials(deepcopy=False)
+    assert loaded == [[]]  # six trials running, none changed: none read
+
+    loaded.clear()
+    ids = {t.number: t._trial_id for t in telling.get_trials()}
+    telling._storage.set_trial_intermediate_value(ids[2], 1, 0.3)  # an epoch of a trial that keeps running
+    telling._storage.set_trial_intermediate_value(ids[3], 1, 0.4)
+    telling.tell(3, state=optuna.trial.TrialState.PRUNED)  # ASHA stopped it after its epoch
+    telling.tell(1, 0.9)
+    trial = asking.ask()  # a new one: read whole once more after its proposal wrote its params
+    trial.suggest_float("x", 0, 1)
+    assert loaded[0] == [1, 3]  # Optuna's read of WAITING trials at the ask: the two that ended
+    loaded.clear()
+    seen = asking.get_trials(deepcopy=False)
+    assert loaded == [[6]]
+    database = optuna.load_study(study_name="s", storage=url).get_trials()
+    assert _as_read(seen, finished_only=True) == _as_read(database, finished_only=True)
+    assert {t.number: (t.state, t.params, t.user_attrs) for t in seen} == \
+        {t.number: (t.state, t.params, t.user_attrs) for t in database}
+    assert seen[3].state == optuna.trial.TrialState.PRUNED and seen[3].intermediate_values == {1: 0.4}
+
+
 # ----------------------------------------------------------------------------- checkpoints of finished trials
 
 
