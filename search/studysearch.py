@@ -12,7 +12,8 @@ reports intermediate values only for results Tune does not stop on. Here:
   (``search.study.record_end``), with node, checkpoint path, wall time and failure reason. On
   ``--resume`` it marks FAIL the RUNNING trials the restored experiment does not hold.
 
-Both run in the driver; Tune calls the searcher, then the callbacks, for the same event before it
+Both run in the driver, each with its own connection to the study that reads only what changed
+(``search.study_cache``); Tune calls the searcher, then the callbacks, for the same event before it
 asks the searcher for the next trial, so the sampler always sees the finished state.
 """
 

@@ -201,17 +201,19 @@ def _as_read(trials, finished_only=False) -> dict:
             if t.state.is_finished() or not finished_only}
 
 
-def test_the_drivers_connection_reads_whole_only_the_trials_that_changed(tmp_path):
+def test_the_drivers_connections_read_whole_only_the_trials_that_changed(tmp_path):
     """With trials running, Optuna's cache re-reads each of them whole on every read of the study; the
-    driver's connection reads whole only new trials, trials another connection finished, and trials
-    it wrote itself, and then holds exactly what the database holds."""
-    from search.study import open_storage
+    driver's connections read whole only new trials, trials another connection finished, and trials
+    written through themselves, and then hold what the database holds (a running trial's epochs
+    written elsewhere excepted, as documented)."""
+    from search.study import TUNE_ID_ATTR, find_trial, open_storage
     from search.study_cache import DeltaCachedStorage
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    telling = optuna.create_study(study_name="s", storage=url, direction="maximize")  # StudyCallback's side
+    optuna.create_study(study_name="s", storage=url, direction="maximize")
     storage = DeltaCachedStorage(open_storage(url))
     asking = optuna.load_study(study_name="s", storage=storage)  # the searcher's side
+    telling = optuna.load_study(study_name="s", storage=DeltaCachedStorage(open_storage(url)))  # StudyCallback's
     loaded, backend_read = [], storage._backend._get_trials
 
     def counted(*args, **kwargs):
@@ -220,32 +222,37 @@ def test_the_drivers_connection_reads_whole_only_the_trials_that_changed(tmp_pat
         return trials
 
     storage._backend._get_trials = counted
-    for i in range(6):  # proposals: each asks, samples and tags through the cached connection
+    for i in range(6):  # proposals: each asks, samples and tags through the searcher's connection
         trial = asking.ask()
         trial.suggest_float("x", 0, 1)
-        trial.set_user_attr("tag", i)
+        trial.set_user_attr(TUNE_ID_ATTR, f"t{i}")
+    assert find_trial(telling, "t5", states=(optuna.trial.TrialState.RUNNING,)).params.keys() == {"x"}
     asking.get_trials(deepcopy=False)
     loaded.clear()
     asking.get_trials(deepcopy=False)
-    assert loaded == [[]]  # six trials running, none changed: none read
+    assert loaded == []  # six trials running, none changed: nothing read whole
 
-    loaded.clear()
     ids = {t.number: t._trial_id for t in telling.get_trials()}
     telling._storage.set_trial_intermediate_value(ids[2], 1, 0.3)  # an epoch of a trial that keeps running
     telling._storage.set_trial_intermediate_value(ids[3], 1, 0.4)
     telling.tell(3, state=optuna.trial.TrialState.PRUNED)  # ASHA stopped it after its epoch
     telling.tell(1, 0.9)
-    trial = asking.ask()  # a new one: read whole once more after its proposal wrote its params
+    asking.enqueue_trial({"x": 0.5})  # a --points trial: WAITING, then popped by the next ask
+    telling.get_trials(deepcopy=False)  # the callback's side reads it WAITING
+    trial = asking.ask()
     trial.suggest_float("x", 0, 1)
-    assert loaded[0] == [1, 3]  # Optuna's read of WAITING trials at the ask: the two that ended
+    trial.set_user_attr(TUNE_ID_ATTR, "t6")
+    assert loaded[0] == [1, 3, 6]  # Optuna's read of WAITING trials at the ask: the two that ended, the queued one
     loaded.clear()
     seen = asking.get_trials(deepcopy=False)
-    assert loaded == [[6]]
+    assert loaded == [[6]] and not storage._written_since_read  # read whole once more after its proposal
     database = optuna.load_study(study_name="s", storage=url).get_trials()
     assert _as_read(seen, finished_only=True) == _as_read(database, finished_only=True)
     assert {t.number: (t.state, t.params, t.user_attrs) for t in seen} == \
         {t.number: (t.state, t.params, t.user_attrs) for t in database}
     assert seen[3].state == optuna.trial.TrialState.PRUNED and seen[3].intermediate_values == {1: 0.4}
+    assert seen[2].intermediate_values == {} and database[2].intermediate_values == {1: 0.3}  # as documented
+    assert find_trial(telling, "t6", states=(optuna.trial.TrialState.RUNNING,)).params == {"x": 0.5}
 
 
 # ----------------------------------------------------------------------------- checkpoints of finished trials
