@@ -255,6 +255,41 @@ def test_the_drivers_connections_read_whole_only_the_trials_that_changed(tmp_pat
     assert find_trial(telling, "t6", states=(optuna.trial.TrialState.RUNNING,)).params == {"x": 0.5}
 
 
+def _proposals_through(tmp_path, cached: bool) -> list[dict]:
+    """A small sweep's proposals (TPE with the constant liar, in a window smaller than the study),
+    asked through one connection and told through another, as StudySearch and StudyCallback do."""
+    import random
+
+    from search.sampler_window import WindowedSampler
+    from search.study import open_storage
+    from search.study_cache import DeltaCachedStorage
+
+    url = f"sqlite:///{tmp_path / f'cached-{cached}.db'}"
+    connect = (lambda: DeltaCachedStorage(open_storage(url))) if cached else (lambda: open_storage(url))
+    optuna.create_study(study_name="s", storage=url, direction="maximize")
+    tpe = optuna.samplers.TPESampler(seed=0, n_startup_trials=4, multivariate=True, group=True, constant_liar=True)
+    asking = optuna.load_study(study_name="s", storage=connect(), sampler=WindowedSampler(tpe, recent=6, best=2))
+    telling = optuna.load_study(study_name="s", storage=connect())
+    rng, running, proposed = random.Random(0), [], []
+    for _ in range(16):
+        trial = asking.ask()
+        _objective(trial)
+        proposed.append(trial.params)
+        running.append(trial)
+        value = rng.random()
+        telling._storage.set_trial_intermediate_value(trial._trial_id, 1, value)  # its first epoch
+        if len(running) > 4:  # one ends: run out or stopped by ASHA
+            ended = running.pop(rng.randrange(len(running)))
+            state = optuna.trial.TrialState.PRUNED if rng.random() < 0.6 else optuna.trial.TrialState.COMPLETE
+            telling.tell(ended.number, None if state == optuna.trial.TrialState.PRUNED else value, state=state)
+    return proposed
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_the_study_cache_leaves_every_proposal_as_optunas_cache_makes_it(tmp_path):
+    assert _proposals_through(tmp_path, cached=True) == _proposals_through(tmp_path, cached=False)
+
+
 # ----------------------------------------------------------------------------- checkpoints of finished trials
 
 
