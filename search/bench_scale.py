@@ -20,7 +20,7 @@ The sleep of epoch e of a trial is ``--epoch-s`` x its resize's pixel share (mea
 choices) x a per-(trial, epoch) jitter in 0.8-1.2; its validation Dice is a smooth function of
 the sampled parameters that rises with the epoch, plus noise, so TPE and ASHA have structure to act
 on. Shorten ``--epoch-s``, not the trials, to make it faster, until the driver's loop sets the pace
-(about 15 results per second on 2 shared cores: README, "Scaling").
+(about 15 results per second on the 2-core box: README, "Scaling").
 """
 
 from __future__ import annotations
