@@ -21,8 +21,8 @@ not from the sampler's ``after_trial``: in a sweep the study is told by
 ``search.studysearch.StudyCallback`` through its own connection to the database, so this sampler
 never sees the tell. TPE asks for the trials several times per proposal; with the constant liar
 each parameter group's ask bypasses Optuna's per-proposal cache and reaches the storage (on the
-sweep's database, a query of the running trials' states at least: ``search.study_cache``). The view
-serves every ask from its one read. It works on any storage, filtering
+sweep's database, one query of the unfinished trials' states, and more when some changed:
+``search.study_cache``). The view serves every ask from its one read. It works on any storage, filtering
 what that read returned, and passes everything else (``_storage``, ``_study_id``, directions) through.
 """
 
