@@ -15,39 +15,17 @@ node that has the data. A "trial" here is a Ray task on that node that gets the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from search.bench_scale import du_bytes, pids_with_env
+from search.bench_probes import PeakRss, du_bytes, local_cluster
 
-ROOT = Path(__file__).resolve().parents[1]
 HEAD_PORT, NODE_PORT_BASE = 6447, 25200  # away from the tests' clusters and bench --scale's
-
-
-@contextlib.contextmanager
-def two_nodes(temp_dir: Path, head_port: int = HEAD_PORT, port_base: int = NODE_PORT_BASE):
-    """Head + one worker node on this machine, 2 CPUs each, each with its own node cache folder."""
-    env = {**os.environ, "TUMORSEG_HEAD_PORT": str(head_port), "TUMORSEG_NODE_PORT_BASE": str(port_base),
-           "TUMORSEG_RAY_TEMP_DIR": str(temp_dir), "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    script = str(ROOT / "launch" / "local-cluster.sh")
-    proc = subprocess.run([script, "start", "1", "2", "0"], check=False, capture_output=True, text=True, env=env)
-    try:
-        if proc.returncode != 0:
-            raise SystemExit(f"search.bench --data-scale: the local Ray cluster did not start:\n{proc.stdout}{proc.stderr}")
-        yield f"127.0.0.1:{head_port}"
-    finally:
-        subprocess.run([script, "stop"], check=False, capture_output=True, env=env)
-        for pid in pids_with_env(f"TUMORSEG_RAY_TEMP_DIR={temp_dir}"):
-            with contextlib.suppress(OSError):
-                os.kill(pid, 9)
 
 
 def first_batch(data_ref: dict, resize_px: int) -> dict:
@@ -65,13 +43,6 @@ def first_batch(data_ref: dict, resize_px: int) -> dict:
     checksum = int(train.images[:16].sum()) + int(train.masks[:16].sum())
     return {"s": time.perf_counter() - t0, "copied": copied, "checksum": checksum, "end": time.time(),
             "node": ray.get_runtime_context().get_node_id()}
-
-
-def rss_now_mib() -> float:
-    """The driver's resident memory now (not the process's peak, which the first path would set for both)."""
-    with open("/proc/self/status") as status:
-        kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-    return kib / 1024
 
 
 def plasma_used_mib() -> float:
@@ -104,7 +75,7 @@ def measure_path(path: str, data: dict, resize_px: int) -> dict:
         # here, the object's size (Ray pulls an object whole to a node that reads it; the head has it)
         "moved": [r["copied"] for r in first] if path == "node-cache" else [0] + [total] * (len(first) - 1),
         "second_get_s": [r["s"] for r in second], "checksums": [r["checksum"] for r in first + second],
-        "head_plasma_mib": plasma_used_mib(), "driver_rss_mib": rss_now_mib(),
+        "head_plasma_mib": plasma_used_mib(), "driver_rss_mib": PeakRss.now_mib(),
         "handle_bytes": len(json.dumps(handle, default=str)) if path == "node-cache" else None,
     }
 
@@ -146,7 +117,10 @@ def main(argv=None) -> None:
         import ray
 
         results = []
-        with two_nodes(temp_dir) as address:
+        # head + one worker node, 2 CPUs each, each with its own node cache folder
+        with local_cluster(1, 2, 0, temp_dir, HEAD_PORT, NODE_PORT_BASE, "search.bench --data-scale",
+                           {"RAY_USAGE_STATS_ENABLED": "0"}) as cluster:
+            address = cluster["address"]
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
             try:
                 for path in ("object-store", "node-cache"):

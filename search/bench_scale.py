@@ -31,18 +31,17 @@ import hashlib
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from search.bench_probes import PeakRss, Timers, cpu_s, du_bytes, local_cluster, processes_cpu_s, worker_starts
+
 STATE_JSON = "state.json"
 HEAD_PORT, NODE_PORT_BASE = 6445, 25000  # away from the tests' clusters (6390-6401, 21000-23300)
 
@@ -103,152 +102,6 @@ def trial_code(epoch_s: float, resize_choices: list[int], checkpoint_kb: int) ->
     """``tune_trainable``'s run/save/load for the simulation (see ``search.tuner.make_trainable``)."""
     run = functools.partial(sleep_trial, epoch_s=epoch_s, resize_choices=list(resize_choices), checkpoint_kb=checkpoint_kb)
     return {"run": run, "save": save_json_state, "load": load_json_state}
-
-
-# ----------------------------------------------------------------------------- driver measurements
-
-
-class Timers:
-    """Cumulative wall time and call counts of wrapped functions (the bench's own instrumentation)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.cpu_seconds: dict[str, float] = {}  # the calling thread's CPU time (less noisy on a shared machine)
-        self.calls: dict[str, int] = {}
-        self.each: dict[str, list[float]] = {}  # every call's duration, for labels wrapped with keep=True
-        self._undo: list = []
-
-    def wrap(self, owner, name: str, label: str | None = None, after=None, keep: bool = False) -> None:
-        label = label or name
-        original = getattr(owner, name)
-
-        @functools.wraps(original)
-        def timed(*args, **kwargs):
-            t0, c0 = time.perf_counter(), time.thread_time()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                took = time.perf_counter() - t0
-                self.seconds[label] = self.seconds.get(label, 0.0) + took
-                self.cpu_seconds[label] = self.cpu_seconds.get(label, 0.0) + time.thread_time() - c0
-                self.calls[label] = self.calls.get(label, 0) + 1
-                if keep:
-                    self.each.setdefault(label, []).append(took)
-                if after is not None:
-                    after(*args, **kwargs)
-
-        setattr(owner, name, timed)
-        self._undo.append((owner, name, original))
-
-    def restore(self) -> None:
-        for owner, name, original in reversed(self._undo):
-            setattr(owner, name, original)
-        self._undo.clear()
-
-    def line(self, label: str) -> str:
-        n = self.calls.get(label, 0)
-        s = self.seconds.get(label, 0.0)
-        return f"{n} calls, {s:.2f} s in all, {1000 * s / max(1, n):.2f} ms each"
-
-
-class PeakRss:
-    """The process's resident memory, sampled every ``interval_s`` while running."""
-
-    def __init__(self, interval_s: float = 0.25):
-        self.interval_s = interval_s
-        self.peak_mib = self.now_mib()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def now_mib() -> float:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.peak_mib = max(self.peak_mib, self.now_mib())
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
-def cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def processes_cpu_s(env_entry: str) -> dict[str, float]:
-    """CPU seconds so far of the processes whose environment holds ``env_entry``, by kind."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
-    for pid in pids_with_env(env_entry):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        kind = next((k for k in ("raylet", "gcs_server", "ray::ImplicitFunc", "ray::IDLE") if k in cmdline), "other Ray processes")
-        kind = {"ray::ImplicitFunc": "trial workers", "ray::IDLE": "trial workers"}.get(kind, kind)
-        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
-    return out
-
-
-def worker_starts(temp_dir: Path) -> int:
-    """Python worker processes the cluster's raylets have started so far (their logs say so)."""
-    return sum(log.read_text(errors="replace").count("Started worker process") for log in Path(temp_dir).glob("session_*/logs/raylet*.out"))
-
-
-def du_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-# ----------------------------------------------------------------------------- the cluster
-
-
-@contextlib.contextmanager
-def local_cluster(nodes: int, gpus: int, temp_dir: Path):
-    """``nodes`` Ray nodes on this machine (head + nodes-1 workers), ``gpus/nodes`` logical GPUs and as
-    many logical CPUs each (one CPU per trial, as ``search.run`` derives it on a GPU node)."""
-    per_node = gpus // nodes
-    env = {**os.environ, "TUMORSEG_HEAD_PORT": str(HEAD_PORT), "TUMORSEG_NODE_PORT_BASE": str(NODE_PORT_BASE),
-           "TUMORSEG_RAY_TEMP_DIR": str(temp_dir), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           # Ray starts one idle worker per logical CPU when the driver attaches; Tune's trial actors need
-           # their own (another runtime env), so on 2 cores those 64 starts only delay the first trials
-           "RAY_prestart_worker_first_driver": "0"}
-    script = str(ROOT / "launch" / "local-cluster.sh")
-    t0 = time.perf_counter()
-    proc = subprocess.run([script, "start", str(nodes - 1), str(per_node), str(per_node)], check=False, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        subprocess.run([script, "stop"], check=False, capture_output=True, env=env)
-        raise SystemExit(f"search.bench --scale: the local Ray cluster did not start:\n{proc.stdout}{proc.stderr}")
-    try:
-        yield {"address": f"127.0.0.1:{HEAD_PORT}", "start_s": time.perf_counter() - t0}
-    finally:
-        subprocess.run([script, "stop"], check=False, capture_output=True, env=env)
-        # Ray's agents rename themselves (ray::DashboardAgent) and the client server's command line
-        # names neither the port nor the folder: end what is left by the environment they inherited
-        for pid in pids_with_env(f"TUMORSEG_RAY_TEMP_DIR={temp_dir}"):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def pids_with_env(entry: str) -> list[int]:
-    """This user's processes whose environment holds ``entry`` (``NAME=value``)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
-                    found.append(int(proc.name))
-    return found
 
 
 # ----------------------------------------------------------------------------- one sweep
@@ -566,7 +419,11 @@ def main(argv=None) -> None:
         out = args.out or Path(tempfile.mkdtemp(prefix="tumorseg-scale-"))
         temp_dir = Path(tempfile.mkdtemp(prefix="tsb-", dir="/tmp"))  # short: Ray's socket paths have a length limit
         try:
-            with local_cluster(args.nodes, args.gpus, temp_dir) as cluster:
+            # Ray starts one idle worker per logical CPU when the driver attaches; Tune's trial actors need
+            # their own (another runtime env), so on 2 cores those 64 starts only delay the first trials
+            per_node = args.gpus // args.nodes  # one CPU per trial, as search.run derives it on a GPU node
+            with local_cluster(args.nodes - 1, per_node, per_node, temp_dir, HEAD_PORT, NODE_PORT_BASE, "search.bench --scale",
+                               {"RAY_prestart_worker_first_driver": "0"}) as cluster:
                 print(f"local Ray cluster: {args.nodes} node(s), {args.gpus // args.nodes} logical GPUs + CPUs each, up in {cluster['start_s']:.0f} s")
                 for n in sizes:
                     r = run_sweep(n, cluster["address"], args.gpus, out.resolve(), args.epoch_s, args.epochs, args.grace_period,
