@@ -94,6 +94,14 @@ class PeakRss:
         self._thread.join()
 
 
+def box_cpu_ticks() -> tuple[int, int]:
+    """The whole machine's CPU ticks so far, (busy, total) over all cores (``/proc/stat``): every
+    process counts, the trial processes and Ray's included, whether or not they are still alive."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime

@@ -19,8 +19,9 @@ the importance time, and the checkpoint bytes left on disk. Targets in brackets 
 The sleep of epoch e of a trial is ``--epoch-s`` x its resize's pixel share (mean 1 over the
 choices) x a per-(trial, epoch) jitter in 0.8-1.2; its validation Dice is a smooth function of
 the sampled parameters that rises with the epoch, plus noise, so TPE and ASHA have structure to act
-on. Shorten ``--epoch-s``, not the trials, to make it faster, until the driver's loop sets the pace
-(about 15 results per second on the 2-core box: README, "Scaling").
+on. Shorten ``--epoch-s``, not the trials, to make it faster, until the machine sets the pace
+(about 15 results per second on the 2-core box, whose CPUs the trial processes and the driver fill:
+README, "Scaling"; ``--tune-floor`` measures Tune alone on the same cluster).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-from search.bench_probes import PeakRss, Timers, cpu_s, du_bytes, local_cluster, processes_cpu_s, worker_starts
+from search.bench_probes import PeakRss, Timers, box_cpu_ticks, cpu_s, du_bytes, local_cluster, processes_cpu_s, worker_starts
 
 STATE_JSON = "state.json"
 HEAD_PORT, NODE_PORT_BASE = 6445, 25000  # away from the tests' clusters (6390-6401, 21000-23300)
@@ -170,7 +171,7 @@ def run_sweep(n: int, address: str, gpus: int, out: Path, epoch_s: float, epochs
     starts_before = worker_starts(temp_dir)
     marker = f"TUMORSEG_RAY_TEMP_DIR={temp_dir}"
     ray_cpu_before = processes_cpu_s(marker)
-    cpu0, main0, t0 = cpu_s(), time.thread_time(), time.perf_counter()
+    cpu0, main0, box0, t0 = cpu_s(), time.thread_time(), box_cpu_ticks(), time.perf_counter()
     # a time cap: Tune stops gracefully on SIGINT (unfinished trials: INTERRUPTED)
     cap = threading.Timer(max_s, os.kill, (os.getpid(), signal.SIGINT)) if max_s else None
     if cap:
@@ -184,6 +185,7 @@ def run_sweep(n: int, address: str, gpus: int, out: Path, epoch_s: float, epochs
             cap.cancel()
     wall = time.perf_counter() - t0
     driver_cpu, main_cpu = cpu_s() - cpu0, time.thread_time() - main0
+    box = [now - before for now, before in zip(box_cpu_ticks(), box0)]
     ray_cpu = {k: v - ray_cpu_before.get(k, 0.0) for k, v in processes_cpu_s(marker).items()}
     import ray
 
@@ -207,7 +209,7 @@ def run_sweep(n: int, address: str, gpus: int, out: Path, epoch_s: float, epochs
         "utilisation": busy / (slots * span) if span > 0 else float("nan"), "steady_utilisation": steady,
         "driver_cpu_s": driver_cpu, "driver_ms_per_result": 1000 * driver_cpu / max(1, results),
         "main_thread_ms_per_result": 1000 * main_cpu / max(1, results),
-        "driver_peak_rss_mib": rss.peak_mib, "ray_cpu_s": ray_cpu,
+        "driver_peak_rss_mib": rss.peak_mib, "ray_cpu_s": ray_cpu, "box_busy": box[0] / max(1, box[1]), "box_cores": os.cpu_count(),
         "csv_writes": len(writes), "csv_final_kib": writes[-1] / 1024 if writes else 0.0, "csv_written_mib": sum(writes) / 2**20,
         "checkpoints_left": len(checkpoints), "checkpoint_bytes_left": sum(du_bytes(c) for c in checkpoints),
         "timers": {label: {"calls": timers.calls[label], "s": timers.seconds[label], "cpu_s": timers.cpu_seconds[label]}
@@ -359,8 +361,9 @@ def print_sweep(r: dict, epoch_s: float, nodes: int) -> None:
     print(f"  wall {r['wall_s']:.0f} s vs ideal {r['ideal_s']:.0f} s (sum of sleeps {r['sum_sleep_s']:.0f} s / {r['slots']} slots): "
           f"x{r['wall_s'] / r['ideal_s']:.2f}; slot utilisation {100 * r['utilisation']:.1f} % "
           f"(steady state {100 * r['steady_utilisation']:.1f} %)   [target >= 95 % at N=2000]")
-    print(f"  driver peak RSS {r['driver_peak_rss_mib']:.0f} MiB; Ray processes' CPU during the sweep: "
-          + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(r["ray_cpu_s"].items())))
+    print(f"  the machine's CPUs were {100 * r['box_busy']:.1f} % busy over the sweep ({r['box_cores']} cores; every process: "
+          f"the driver, Ray, the trial processes); driver peak RSS {r['driver_peak_rss_mib']:.0f} MiB; CPU of the Ray processes "
+          "alive at the end: " + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(r["ray_cpu_s"].items())))
     print(f"  trials.csv: {r['csv_writes']} writes, {t.get('trials.csv writes', {}).get('cpu_s', 0):.1f} s CPU in all "
           f"({1000 * t.get('trials.csv writes', {}).get('cpu_s', 0) / max(1, r['csv_writes']):.1f} ms each), final {r['csv_final_kib']:.0f} KiB, "
           f"{r['csv_written_mib']:.1f} MiB written")
