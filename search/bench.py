@@ -17,6 +17,7 @@ Prints a table (numbers, not pass/fail; targets in brackets):
    the object store, with the store's usage before and after trials read it [each resize once].
 
 ``--scale``: the orchestration of 100-2,000 simulated trials on 64 logical GPUs (``search.bench_scale``).
+``--tune-floor``: what Ray Tune alone costs per result on the same cluster and sleeps (``search.bench_floor``).
 ``--data-scale``: the data path at 20,000 slices, object store against node cache (``search.bench_data``).
 """
 
@@ -211,6 +212,10 @@ def main(argv=None) -> None:
         from search.bench_scale import main as scale_main
 
         return scale_main([a for a in argv if a != "--scale"])
+    if "--tune-floor" in argv:  # Ray Tune alone on the same cluster and sleeps: python -m search.bench --tune-floor --help
+        from search.bench_floor import main as floor_main
+
+        return floor_main([a for a in argv if a != "--tune-floor"])
     if "--data-scale" in argv:  # python -m search.bench --data-scale --help
         from search.bench_data import main as data_main
 
