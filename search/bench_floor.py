@@ -8,7 +8,7 @@ nothing of ours: Tune's own searcher (random), no study, no callbacks but Tune's
 (result.json, progress.csv, TensorBoard; ``--no-loggers`` drops them), ``slots`` + ``slots // 8``
 trials at once as ``search.tuner.lookahead`` allows. Prints, over the steady state (from
 ``--steady-after-s`` to the cap): results per second, the driver's CPU per result (all threads; its
-main thread), how busy the machine's CPUs were, and, over the run, the trial processes started and
+main thread), how busy the machine's CPUs were, and, over the run, the worker processes Ray started and
 the slot utilisation. **It measures orchestration, not training.**
 """
 
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="tsb-floor-") as tmp:
         r = run_floor(args, Path(tmp))
     print(f"{r['results']} results from {r['trials']} trials on {args.gpus} slots, mean epoch sleep {args.epoch_s:g} s, "
-          f"Tune's loggers {'off' if args.no_loggers else 'on'}; {r['worker_starts']} trial processes started; "
+          f"Tune's loggers {'off' if args.no_loggers else 'on'}; {r['worker_starts']} worker processes started by Ray (the raylet's count); "
           f"slot utilisation {100 * r['utilisation']:.1f} %")
     print(f"  steady state (after {args.steady_after_s:g} s, {r['steady_results']} results): {r['steady_results_per_s']:.1f} results/s "
           f"(ideal {args.gpus / args.epoch_s:.0f}); driver CPU {r['driver_ms_per_result']:.2f} ms per result "

@@ -351,7 +351,7 @@ def print_sweep(r: dict, epoch_s: float, nodes: int) -> None:
     ms = lambda label: 1000 * t.get(label, {}).get("cpu_s", 0.0) / max(1, r["results"])
     trials = sum(r["statuses"].values())
     print(f"N={r['n']}: {r['results']} results from {trials} trials ({', '.join(f'{v} {k}' for k, v in r['statuses'].items())}), "
-          f"{r['slots']} slots on {nodes} node(s), mean epoch sleep {epoch_s:g} s; {r['worker_starts']} trial processes started")
+          f"{r['slots']} slots on {nodes} node(s), mean epoch sleep {epoch_s:g} s; {r['worker_starts']} worker processes started by Ray (the raylet's count)")
     print(f"  driver CPU {r['driver_cpu_s']:.1f} s = {r['driver_ms_per_result']:.2f} ms per trial result   [target <= 5 ms at N=2000]; "
           f"Tune's loop (the main thread) {r['main_thread_ms_per_result']:.2f} ms, Ray's own threads the rest")
     print("    of which (main-thread CPU ms per result, inclusive): " + ", ".join(
