@@ -1,7 +1,8 @@
 """What the scale benches measure with, and where: timers wrapped around the driver's code, the
 driver's memory and CPU, the Ray processes' CPU, and a local Ray cluster of simulated nodes.
 
-Used by ``search.bench_scale`` (``--scale``) and ``search.bench_data`` (``--data-scale``).
+Used by ``search.bench_scale`` (``--scale``), ``search.bench_floor`` (``--tune-floor``) and
+``search.bench_data`` (``--data-scale``).
 """
 
 from __future__ import annotations
@@ -133,6 +134,12 @@ def du_bytes(path: Path) -> int:
 
 
 # ----------------------------------------------------------------------------- the cluster
+
+
+# for a cluster of many logical CPUs on a small machine: Ray starts one idle worker per logical CPU
+# when the driver attaches; Tune's trial actors need their own (another runtime env), so on 2 cores
+# those starts only delay the first trials
+SIMULATED_CLUSTER_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @contextlib.contextmanager

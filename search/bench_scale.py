@@ -41,7 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-from search.bench_probes import PeakRss, Timers, box_cpu_ticks, cpu_s, du_bytes, local_cluster, processes_cpu_s, worker_starts
+from search.bench_probes import SIMULATED_CLUSTER_ENV, PeakRss, Timers, box_cpu_ticks, cpu_s, du_bytes, local_cluster, processes_cpu_s, worker_starts
 
 STATE_JSON = "state.json"
 HEAD_PORT, NODE_PORT_BASE = 6445, 25000  # away from the tests' clusters (6390-6401, 21000-23300)
@@ -422,11 +422,9 @@ def main(argv=None) -> None:
         out = args.out or Path(tempfile.mkdtemp(prefix="tumorseg-scale-"))
         temp_dir = Path(tempfile.mkdtemp(prefix="tsb-", dir="/tmp"))  # short: Ray's socket paths have a length limit
         try:
-            # Ray starts one idle worker per logical CPU when the driver attaches; Tune's trial actors need
-            # their own (another runtime env), so on 2 cores those 64 starts only delay the first trials
             per_node = args.gpus // args.nodes  # one CPU per trial, as search.run derives it on a GPU node
             with local_cluster(args.nodes - 1, per_node, per_node, temp_dir, HEAD_PORT, NODE_PORT_BASE, "search.bench --scale",
-                               {"RAY_prestart_worker_first_driver": "0"}) as cluster:
+                               SIMULATED_CLUSTER_ENV) as cluster:
                 print(f"local Ray cluster: {args.nodes} node(s), {args.gpus // args.nodes} logical GPUs + CPUs each, up in {cluster['start_s']:.0f} s")
                 for n in sizes:
                     r = run_sweep(n, cluster["address"], args.gpus, out.resolve(), args.epoch_s, args.epochs, args.grace_period,

@@ -97,7 +97,12 @@ def lookahead(settings: SweepSettings, slots: int) -> int:
     smp imported again). Measured with 64 slots: 121 processes started for the first 170 trials
     without; with --max-concurrent the cap stays exact.
     """
-    return 0 if settings.max_concurrent else max(1, slots // 8)
+    return 0 if settings.max_concurrent else lookahead_trials(slots)
+
+
+def lookahead_trials(slots: int) -> int:
+    """How many trials wait for a slot without --max-concurrent (also ``search.bench --tune-floor``'s)."""
+    return max(1, slots // 8)
 
 
 def make_scheduler(settings: SweepSettings):

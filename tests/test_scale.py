@@ -554,3 +554,20 @@ def test_checkpoints_are_written_when_their_cost_is_a_small_share_of_the_time_si
     assert reports == [(1, "checkpoint"), (2, None), (3, "checkpoint"), (4, None), (5, "checkpoint"), (6, None), (7, None)]
     report({"epoch": 8}, None)  # nothing to save (a failed trial's report)
     assert reports[-1] == (8, None)
+
+
+def test_tune_floor_summary_on_hand_made_marks():
+    """--tune-floor's arithmetic: whole run from the start, steady state from the later of the cut-off
+    and every slot's first start, utilisation to a trial's end or, when the cap stopped it, its last result."""
+    from search.bench_floor import Mark, summarise
+
+    start = Mark(0.0, 0.0, 0.0, (0, 0))
+    marks = [Mark(100.0 + i, 1.0 + 0.01 * i, 0.5 + 0.005 * i, (100 + i, 200 + 4 * i)) for i in range(11)]
+    spans = {"ended": [0.0, 90.0, 110.0], "capped": [10.0, 60.0, None], "never reported": [105.0, None, None]}
+    r = summarise(start, marks, spans, slots=2, steady_after_s=5.0)
+    assert r["steady_from_s"] == 10.0  # the second slot's first start, later than the 5 s cut-off
+    assert r["whole"] == pytest.approx({"results": 11, "results_per_s": 0.1, "driver_ms_per_result": 100.0,
+                                        "main_thread_ms_per_result": 50.0, "box_busy_fraction": 110 / 240})
+    assert r["steady"] == pytest.approx({"results": 10, "results_per_s": 1.0, "driver_ms_per_result": 10.0,
+                                         "main_thread_ms_per_result": 5.0, "box_busy_fraction": 0.25})
+    assert r["utilisation"] == pytest.approx((110 + 50 + 0) / (2 * 110))
