@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from search.bench_probes import PeakRss, du_bytes, local_cluster
+from search.bench_probes import PeakRss, du_bytes, load_average, local_cluster
 
 HEAD_PORT, NODE_PORT_BASE = 6447, 25200  # away from the tests' clusters and bench --scale's
 
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
 
     from search.trainable import load_search_data
 
-    print(f"machine: {machine()}; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"machine: {machine()}; load average {load_average()}")
     out = Path(tempfile.mkdtemp(prefix="tumorseg-data-scale-", dir=args.out))
     temp_dir = Path(tempfile.mkdtemp(prefix="tsd-", dir="/tmp"))
     try:
@@ -144,7 +144,7 @@ def main(argv=None) -> None:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(temp_dir, ignore_errors=True)
-    print(f"load average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"load average at the end {load_average()}")
 
 
 if __name__ == "__main__":

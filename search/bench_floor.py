@@ -20,15 +20,13 @@ from __future__ import annotations
 import os
 import random
 import shlex
-import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-from search.bench_probes import SIMULATED_CLUSTER_ENV, box_cpu_ticks, cpu_s, local_cluster, worker_starts
+from search.bench_probes import SIMULATED_CLUSTER_ENV, box_cpu_ticks, cpu_s, load_average, local_cluster, time_cap, worker_starts
 
 HEAD_PORT, NODE_PORT_BASE = 6447, 26000  # away from --scale's (6445, 25000) and the tests' clusters
 
@@ -123,13 +121,9 @@ def run_floor(args, temp_dir: Path) -> dict:
                 run_config=tune.RunConfig(storage_path=str(temp_dir / "results"), name="floor", verbose=0,
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                           callbacks=[marks_callback(marks, spans)]))
-            cap = threading.Timer(60 * args.max_minutes, os.kill, (os.getpid(), signal.SIGINT))  # Tune stops gracefully
-            cap.start()
-            start = now()
-            try:
+            with time_cap(60 * args.max_minutes):
+                start = now()
                 grid = tuner.fit()
-            finally:
-                cap.cancel()
             r = {"worker_starts": worker_starts(temp_dir / "ray") - starts_before, "errors": grid.num_errors}
         finally:
             ray.shutdown()
@@ -171,9 +165,9 @@ def main(argv=None) -> None:
     from tumorseg.bench import machine
 
     print(f"$ python -m search.bench --tune-floor {shlex.join(argv)}".rstrip())
-    print(f"machine: {machine()}; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"machine: {machine()}; load average {load_average()}")
     print(f"versions: ray {package_versions()['ray']}")
     print("SIMULATION: trials sleep; Ray Tune alone (no study, no searcher or callbacks of ours): this measures Tune's orchestration.")
     with tempfile.TemporaryDirectory(prefix="tsb-floor-", dir="/tmp", ignore_cleanup_errors=True) as tmp:  # short: Ray's socket paths
         print_floor(run_floor(args, Path(tmp)), args)
-    print(f"load average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"load average at the end {load_average()}")

@@ -103,6 +103,24 @@ def box_cpu_ticks() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+@contextlib.contextmanager
+def time_cap(seconds: float | None):
+    """SIGINT to this process after ``seconds`` (None: never); Tune stops gracefully on it, the
+    unfinished trials INTERRUPTED, and what ran is measured."""
+    cap = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT)) if seconds else None
+    if cap:
+        cap.start()
+    try:
+        yield
+    finally:
+        if cap:
+            cap.cancel()
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime

@@ -33,15 +33,14 @@ import json
 import math
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from search.bench_probes import SIMULATED_CLUSTER_ENV, PeakRss, Timers, box_cpu_ticks, cpu_s, du_bytes, local_cluster, processes_cpu_s, worker_starts
+from search.bench_probes import (SIMULATED_CLUSTER_ENV, PeakRss, Timers, box_cpu_ticks, cpu_s, du_bytes, load_average, local_cluster,
+                                 processes_cpu_s, time_cap, worker_starts)
 
 STATE_JSON = "state.json"
 HEAD_PORT, NODE_PORT_BASE = 6445, 25000  # away from the tests' clusters (6390-6401, 21000-23300)
@@ -172,17 +171,11 @@ def run_sweep(n: int, address: str, gpus: int, out: Path, epoch_s: float, epochs
     marker = f"TUMORSEG_RAY_TEMP_DIR={temp_dir}"
     ray_cpu_before = processes_cpu_s(marker)
     cpu0, main0, box0, t0 = cpu_s(), time.thread_time(), box_cpu_ticks(), time.perf_counter()
-    # a time cap: Tune stops gracefully on SIGINT (unfinished trials: INTERRUPTED)
-    cap = threading.Timer(max_s, os.kill, (os.getpid(), signal.SIGINT)) if max_s else None
-    if cap:
-        cap.start()
     try:
-        with PeakRss() as rss, open(run_dir / "live.txt", "w") as live, contextlib.redirect_stdout(live):
+        with time_cap(max_s), PeakRss() as rss, open(run_dir / "live.txt", "w") as live, contextlib.redirect_stdout(live):
             fit(settings, space, base, data, None, slots, restore=False, study_url=study_url, code=code)
     finally:
         timers.restore()
-        if cap:
-            cap.cancel()
     wall = time.perf_counter() - t0
     driver_cpu, main_cpu = cpu_s() - cpu0, time.thread_time() - main0
     box = [now - before for now, before in zip(box_cpu_ticks(), box0)]
@@ -401,7 +394,7 @@ def main(argv=None) -> None:
     from tumorseg.bench import machine
 
     versions = package_versions()
-    print(f"machine: {machine()}; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"machine: {machine()}; load average {load_average()}")
     print(f"versions: ray {versions['ray']}, optuna {versions['optuna']}")
     print("SIMULATION: trials sleep instead of training (search.bench_scale.sleep_trial); this measures the orchestration, not training.")
     results = {"searcher": {}, "sweeps": []}
@@ -436,7 +429,7 @@ def main(argv=None) -> None:
             shutil.rmtree(temp_dir, ignore_errors=True)
             if args.out is None:
                 shutil.rmtree(out, ignore_errors=True)
-    print(f"load average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"load average at the end {load_average()}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
 
