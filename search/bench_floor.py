@@ -1,17 +1,19 @@
 """``python -m search.bench --tune-floor``: what Ray Tune alone costs per trial result on this machine.
 
-    python -m search.bench --tune-floor [--epoch-s 2] [--max-minutes 4] [--gpus 64] [--no-loggers]
+    python -m search.bench --tune-floor [--epoch-s 2] [--max-minutes 4] [--gpus 64] [--no-loggers] [--tune-as-shipped]
 
 The floor under ``--scale``'s driver numbers: the same local cluster of logical GPUs (and its Ray
 settings), ASHA (grace 2, reduction 3, 20 epochs), trials that sleep ``--epoch-s`` (0.8-1.2x) per
 epoch and report a ``--checkpoint-kb`` checkpoint each epoch (two kept), and as many trials at once
-as ``search.tuner.lookahead`` allows, but nothing of ours: Tune's own searcher (random), no study,
-no callbacks but Tune's default loggers (result.json, progress.csv, TensorBoard; ``--no-loggers``
-drops them). Prints, over the whole run and over the steady state (from the later of
-``--steady-after-s`` and the moment every slot has started a trial, to the last result): results
-per second, the driver's CPU per result (all threads; its main thread) and how busy the machine's
-CPUs were (every process on it); over the run, Ray's worker starts and the slot utilisation (a
-trial holds its slot from its start to its end, or to its last result when the cap stops it).
+as ``search.tuner.lookahead`` allows, with Tune's process reuse mended as the sweep's is
+(``search.actor_reuse``; ``--tune-as-shipped`` leaves Tune as it is), but nothing else of ours:
+Tune's own searcher (random), no study, no callbacks but Tune's default loggers (result.json,
+progress.csv, TensorBoard; ``--no-loggers`` drops them). Prints, over the whole run and over the
+steady state (from the later of ``--steady-after-s`` and the moment every slot has started a
+trial, to the last result): results per second, the driver's CPU per result (all threads; its main
+thread) and how busy the machine's CPUs were (every process on it); over the run, Ray's worker
+starts and the slot utilisation (a trial holds its slot from its start to its end, or to its last
+result when the cap stops it).
 **It measures orchestration, not training.**
 """
 
@@ -156,6 +158,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-minutes", type=float, default=4.0, help="stop after this long (Tune stops the running trials)")
     p.add_argument("--steady-after-s", type=float, default=90.0, help="the steady state starts no earlier than this")
     p.add_argument("--no-loggers", action="store_true", help="without Tune's result.json/progress.csv/TensorBoard loggers")
+    p.add_argument("--tune-as-shipped", action="store_true", help="without search.actor_reuse's mend of Tune's process reuse")
     args = p.parse_args(argv)
     if args.no_loggers:
         os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
@@ -168,6 +171,11 @@ def main(argv=None) -> None:
     print(f"machine: {machine()}; load average {load_average()}")
     print(f"versions: ray {package_versions()['ray']}")
     print("SIMULATION: trials sleep; Ray Tune alone (no study, no searcher or callbacks of ours): this measures Tune's orchestration.")
+    if not args.tune_as_shipped:
+        from search.actor_reuse import keep_starting_processes
+
+        keep_starting_processes()
+    print(f"Tune's process reuse: {'as shipped' if args.tune_as_shipped else 'mended (search.actor_reuse)'}")
     with tempfile.TemporaryDirectory(prefix="tsb-floor-", dir="/tmp", ignore_cleanup_errors=True) as tmp:  # short: Ray's socket paths
         print_floor(run_floor(args, Path(tmp)), args)
     print(f"load average at the end {load_average()}")

@@ -135,8 +135,11 @@ def make_tuner(settings: SweepSettings, space: SearchSpace, trainable, max_concu
                storage_url: str | None = None):
     from ray import tune
 
+    from search.actor_reuse import keep_starting_processes
     from search.checkpoints import ContinueFromSavedCheckpoint, RecordTrialEnds
     from search.studysearch import StudyCallback
+
+    keep_starting_processes()
 
     # pickled with the experiment, so a --resume runs them too. In this order: a trial's end is on the
     # storage before the study and trials.csv are told, and on a resume's first step the trials that
@@ -176,4 +179,7 @@ def make_tuner(settings: SweepSettings, space: SearchSpace, trainable, max_concu
 def restore_tuner(settings: SweepSettings, trainable):
     from ray import tune
 
+    from search.actor_reuse import keep_starting_processes
+
+    keep_starting_processes()
     return tune.Tuner.restore(settings.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
