@@ -1,48 +1,67 @@
-"""Tune's process reuse, mended so that a trial process Ray has begun to start is never killed for a kept one.
+"""Tune's process reuse, mended so that a trial process Ray has begun to start is never stopped for a kept one.
 
-With ``reuse_actors=True`` Tune keeps the process of a trial that ended and hands it to a trial that
-waits for a slot (no Python, torch and smp imported again). Tune also asks Ray for a new process for
-every waiting trial it stages. When a kept process is free, Tune 2.60
-(``TuneController._maybe_reuse_cached_actor``) gives it to the first staged trial in line and removes
-that trial's own request, even where Ray has already placed it and begun to start the process. That
-process is killed half-started and its slot is free again; the next staged trial's request takes the
-slot and starts another process, which the next kept process kills in turn.
+With ``reuse_actors=True`` Tune keeps the process of a trial that ended for a trial waiting for a
+slot, and asks Ray for a new process for every waiting trial it stages. Ray 2.60's
+``TuneController._maybe_reuse_cached_actor`` gives a kept process to a staged trial even when Ray
+has already placed that trial's request and is starting its process, and stops that process. Its
+slot frees, the next staged request takes it and starts another process, which the next kept
+process stops in turn: on a busy machine, where a process takes seconds to start and trials end
+more often than that, the slots freed at a sweep's start never fill (README, Scaling).
 
-On a loaded machine a process takes seconds to start and trials end more often than that, so the
-slots that free at the start of a sweep never fill: ``search.bench --tune-floor`` (Tune alone, 64
-slots, 2 s epochs, 2 minutes) ran at most 31 trials at once, its raylet started 194 processes
-for 31 that ever ran a trial, and it delivered 11.9 results/s in the steady state (ideal 32).
-
-The mend: a trial whose process Ray is starting (its resources acquired, ``__init__`` not yet
-returned) keeps it; the kept process goes to a staged trial whose request Ray has not placed (so
-nothing is started for nothing) or waits one step for the next trial the searcher proposes. Trials
-whose request is still waiting for resources are handled as Tune does. With it the same bench ran 64
-trials at once and gave 31.2 results/s in the steady state (README, Scaling).
+The mend: a trial whose process is starting keeps it, and the kept process goes to the first other
+waiting trial whose request Ray has not placed (that request is withdrawn, nothing was started for
+it). Ray 2.60 has no hook for this, so ``keep_starting_processes`` replaces the method on the class,
+for every Tune experiment this (the driver's) process runs afterwards.
 """
 
 from __future__ import annotations
 
+import warnings
 
-def _keeps_its_starting_process(controller, trial) -> bool:
-    """Whether ``trial`` already has a process that Ray is starting (resources held, not yet started)."""
+MENDED_RAY = "2.60."  # the controller's private attributes read below are Ray 2.60's
+
+
+def _process_is_starting(controller, trial) -> bool:
+    """Whether Ray has created ``trial``'s own process and Tune has not yet seen it ready."""
     actor = controller._trial_to_actor.get(trial)
-    return (actor is not None and trial not in controller._resetting_trials
-            and actor not in controller._started_actors and controller._actor_manager.is_actor_started(actor))
+    return actor is not None and actor not in controller._started_actors and controller._actor_manager.is_actor_started(actor)
+
+
+def _trial_without_a_starting_process(controller, resources):
+    """The first waiting trial, in Tune's order, that asks for ``resources`` and whose process is not starting."""
+    for trial in controller._pending_trials_list:
+        if (trial in controller._pending_trials and trial.placement_group_factory == resources
+                and trial not in controller._resetting_trials and not _process_is_starting(controller, trial)
+                and not (trial in controller._trial_to_actor and trial not in controller._staged_trials)):
+            return trial
+    return None
 
 
 def keep_starting_processes() -> None:
-    """Install the mend on Tune's controller, in this (the driver's) process; idempotent."""
+    """Install the mend on Tune's controller class (idempotent); a Ray other than 2.60 is left as shipped, with a warning."""
+    import ray
     from ray.tune.execution.tune_controller import TuneController
 
     tune_reuse = TuneController._maybe_reuse_cached_actor
     if getattr(tune_reuse, "keeps_starting_processes", False):
         return
+    if not ray.__version__.startswith(MENDED_RAY):
+        warnings.warn(f"search.actor_reuse mends Ray {MENDED_RAY}x's Tune, not Ray {ray.__version__}: Tune's process reuse "
+                      "is left as shipped", stacklevel=2)
+        return
 
     def maybe_reuse_cached_actor(self, trial) -> bool:
-        if _keeps_its_starting_process(self, trial):
-            return False
-        return tune_reuse(self, trial)
+        if not _process_is_starting(self, trial):
+            return tune_reuse(self, trial)
+        if self._actor_cache.has_cached_object(trial.placement_group_factory):
+            other = _trial_without_a_starting_process(self, trial.placement_group_factory)
+            if other is not None and other in self._staged_trials:  # its request is waiting: Tune withdraws it
+                tune_reuse(self, other)
+            elif other is not None:  # not staged yet: staged as Tune stages a waiting trial, and given the kept process
+                self._staged_trials.add(other)
+                self._actor_cache.increase_max(other.placement_group_factory)
+                self._schedule_trial_actor(other)
+        return False
 
     maybe_reuse_cached_actor.keeps_starting_processes = True
-    maybe_reuse_cached_actor.__wrapped__ = tune_reuse  # Tune's own, for a test to compare with
     TuneController._maybe_reuse_cached_actor = maybe_reuse_cached_actor

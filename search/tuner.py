@@ -139,7 +139,8 @@ def make_tuner(settings: SweepSettings, space: SearchSpace, trainable, max_concu
     from search.checkpoints import ContinueFromSavedCheckpoint, RecordTrialEnds
     from search.studysearch import StudyCallback
 
-    keep_starting_processes()
+    if settings.reuse_actors:
+        keep_starting_processes()
 
     # pickled with the experiment, so a --resume runs them too. In this order: a trial's end is on the
     # storage before the study and trials.csv are told, and on a resume's first step the trials that
@@ -181,5 +182,6 @@ def restore_tuner(settings: SweepSettings, trainable):
 
     from search.actor_reuse import keep_starting_processes
 
-    keep_starting_processes()
+    if settings.reuse_actors:
+        keep_starting_processes()
     return tune.Tuner.restore(settings.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
