@@ -141,12 +141,61 @@ def _where_to_write(module, tmp_path) -> list[str]:
             "tumorseg.export": ["--out", str(tmp_path)], "tumorseg.predict": ["--out", str(tmp_path)]}.get(module, [])
 
 
-@pytest.mark.parametrize("module, args, message", CLI_CASES, ids=[" ".join([m, *a]) for m, a, _ in CLI_CASES])
-def test_bad_flags_exit_2_with_one_line(module, args, message, tmp_path):
-    proc = run_cli("-m", module, *_where_to_write(module, tmp_path), *args, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert message in proc.stderr
+# Runs one CLI's rows in one process: what `python -m MODULE ARGS` runs (MODULE.main(ARGS)), row
+# after row, each with its own stderr and exit status; an escaped exception is printed as Python
+# prints it. What the import itself writes to stderr is kept apart (no row may depend on it).
+CLI_ROWS = r"""
+import contextlib, importlib, io, json, sys, traceback
+
+module, rows = sys.argv[1], json.loads(sys.argv[2])
+with contextlib.redirect_stderr(io.StringIO()) as import_err:
+    main = importlib.import_module(module).main
+results = []
+for argv in rows:
+    with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append({"code": code, "stderr": err.getvalue()})
+print(json.dumps({"import_stderr": import_err.getvalue(), "rows": results}))
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory):
+    """Each CLI_CASES row's exit status and stderr, keyed by its index: one process per CLI (imports once)."""
+    results = {}
+    for module in dict.fromkeys(m for m, _, _ in CLI_CASES):
+        indices = [i for i, (m, _, _) in enumerate(CLI_CASES) if m == module]
+        rows = [_where_to_write(module, tmp_path_factory.mktemp("cli")) + CLI_CASES[i][1] for i in indices]
+        proc = run_cli("-c", CLI_ROWS, module, json.dumps(rows), timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert out["import_stderr"] == "", f"importing {module} wrote to stderr: {out['import_stderr']}"
+        results.update(zip(indices, out["rows"]))
+    return results
+
+
+@pytest.mark.parametrize("case", range(len(CLI_CASES)), ids=[" ".join([m, *a]) for m, a, _ in CLI_CASES])
+def test_bad_flags_exit_2_with_one_line(case, cli_results):
+    result, message = cli_results[case], CLI_CASES[case][2]
+    assert result["code"] == 2, result["stderr"]
+    assert len(result["stderr"].strip().splitlines()) == 1 and "Traceback" not in result["stderr"], result["stderr"]
+    assert message in result["stderr"]
+
+
+@pytest.mark.parametrize("module", ["search.run", "tumorseg.train"])
+def test_a_bad_flag_as_a_process_exits_2_with_one_line(module, tmp_path):
+    """The rows above run in one process per CLI; here the real entry point, ``python -m``, once per CLI."""
+    proc = run_cli("-m", module, *_where_to_write(module, tmp_path), "--epochs", "0", timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"{module}: error: --epochs must be > 0, got 0"
+                                                                         if module == "search.run" else
+                                                                         f"{module}: error: epochs must be > 0, got 0"]
 
 
 def test_a_study_of_that_name_from_another_sweep_is_refused(tmp_path):
