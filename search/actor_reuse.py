@@ -28,13 +28,30 @@ def _process_is_starting(controller, trial) -> bool:
 
 
 def _trial_without_a_starting_process(controller, resources):
-    """The first waiting trial, in Tune's order, that asks for ``resources`` and whose process is not starting."""
-    for trial in controller._pending_trials_list:
+    """The first waiting trial, in Tune's order (the scheduler's), that asks for ``resources`` and whose
+    request Ray has not placed (none made yet, or one still waiting for resources)."""
+    for trial in controller._trials:
         if (trial in controller._pending_trials and trial.placement_group_factory == resources
                 and trial not in controller._resetting_trials and not _process_is_starting(controller, trial)
                 and not (trial in controller._trial_to_actor and trial not in controller._staged_trials)):
             return trial
     return None
+
+
+def hand_on_kept_process(controller, trial, tune_reuse) -> bool:
+    """``_maybe_reuse_cached_actor`` mended; ``tune_reuse``: Tune's own. False where ``trial``'s process is
+    starting: the kept process (if any) goes to another waiting trial, in this same step."""
+    if not _process_is_starting(controller, trial):
+        return tune_reuse(controller, trial)
+    if controller._actor_cache.has_cached_object(trial.placement_group_factory):
+        other = _trial_without_a_starting_process(controller, trial.placement_group_factory)
+        if other is not None and other in controller._staged_trials:  # its request is waiting: Tune withdraws it
+            tune_reuse(controller, other)
+        elif other is not None:  # not staged yet: staged as Tune stages a waiting trial, and given the kept process
+            controller._staged_trials.add(other)
+            controller._actor_cache.increase_max(other.placement_group_factory)
+            controller._schedule_trial_actor(other)
+    return False
 
 
 def keep_starting_processes() -> None:
@@ -51,17 +68,7 @@ def keep_starting_processes() -> None:
         return
 
     def maybe_reuse_cached_actor(self, trial) -> bool:
-        if not _process_is_starting(self, trial):
-            return tune_reuse(self, trial)
-        if self._actor_cache.has_cached_object(trial.placement_group_factory):
-            other = _trial_without_a_starting_process(self, trial.placement_group_factory)
-            if other is not None and other in self._staged_trials:  # its request is waiting: Tune withdraws it
-                tune_reuse(self, other)
-            elif other is not None:  # not staged yet: staged as Tune stages a waiting trial, and given the kept process
-                self._staged_trials.add(other)
-                self._actor_cache.increase_max(other.placement_group_factory)
-                self._schedule_trial_actor(other)
-        return False
+        return hand_on_kept_process(self, trial, tune_reuse)
 
     maybe_reuse_cached_actor.keeps_starting_processes = True
     TuneController._maybe_reuse_cached_actor = maybe_reuse_cached_actor

@@ -6,8 +6,10 @@ three trials and places two. When the quick process's trial ends, Tune keeps tha
 waiting trial:
 - as shipped, it hands it to the trial whose process is starting and stops that process, which then
   never runs a trial;
-- mended, the starting process keeps its trial and the kept one goes at once to the third trial,
-  whose request had not been placed; so every process started runs a trial.
+- mended, the starting process keeps its trial and the kept one goes to the third trial, whose
+  request had not been placed; so every process started runs a trial.
+That the kept process is handed on in the same step (not left for Tune's later steps to find) is
+checked on a stand-in for Tune's controller, the last test.
 """
 
 from __future__ import annotations
@@ -87,3 +89,58 @@ def test_a_process_ray_began_to_start_runs_a_trial(tmp_path, ray_tmp, tune_as):
         assert not list(marks.glob("timed-out-*"))  # the third trial took the kept process at once
     else:  # Tune 2.60 as shipped: a process it stopped while it started ran nothing (the mend's reason)
         assert processes - ran_a_trial
+
+
+class _Trial:
+    def __init__(self, name, resources="1 CPU"):
+        self.name, self.placement_group_factory = name, resources
+
+    def __repr__(self):
+        return self.name
+
+
+class _Controller:
+    """The parts of Tune 2.60's controller the mend reads: trials in Tune's order and their processes."""
+
+    def __init__(self, trials, starting=(), placed=(), kept=0):
+        from ray.tune.utils.object_cache import _ObjectCache
+
+        self._trials, self._pending_trials, self._resetting_trials = trials, set(trials), set()
+        self._trial_to_actor = {t: f"actor of {t}" for t in (*starting, *placed)}
+        self._staged_trials = set(self._trial_to_actor)
+        self._started_actors = set()  # none is ready yet
+        live = {f"actor of {t}" for t in starting}  # created; a placed-but-waiting request is not
+        self._actor_manager = type("Actors", (), {"is_actor_started": staticmethod(lambda actor: actor in live)})()
+        self._actor_cache = _ObjectCache()
+        for i in range(kept):
+            self._actor_cache.increase_max("1 CPU")
+            self._actor_cache.cache_object("1 CPU", f"kept {i}")
+        self.reused, self.scheduled = [], []
+
+    def _schedule_trial_actor(self, trial):
+        self.scheduled.append(trial)
+
+
+def _tune_reuse(controller, trial):
+    controller.reused.append(trial)
+    return True
+
+
+def test_the_kept_process_goes_at_once_to_the_first_trial_whose_request_is_not_placed():
+    from search.actor_reuse import hand_on_kept_process
+
+    a, b, c = _Trial("a"), _Trial("b"), _Trial("c")
+    waiting_request = _Controller([a, b, c], starting=[a], placed=[b], kept=1)  # b's request waits for resources
+    assert hand_on_kept_process(waiting_request, a, _tune_reuse) is False
+    assert waiting_request.reused == [b] and waiting_request.scheduled == []  # Tune swaps b's request for the kept one
+
+    no_request = _Controller([a, b, c], starting=[a, b], kept=1)  # c has no request yet
+    assert hand_on_kept_process(no_request, a, _tune_reuse) is False
+    assert no_request.scheduled == [c] and c in no_request._staged_trials and no_request.reused == []
+
+    nothing_kept = _Controller([a, b, c], starting=[a], placed=[b], kept=0)
+    assert hand_on_kept_process(nothing_kept, a, _tune_reuse) is False
+    assert nothing_kept.reused == nothing_kept.scheduled == []
+
+    not_starting = _Controller([a, b], placed=[a], kept=1)  # a's request waits: Tune's own reuse decides
+    assert hand_on_kept_process(not_starting, a, _tune_reuse) is True and not_starting.reused == [a]
