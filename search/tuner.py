@@ -131,16 +131,22 @@ def make_trainable(settings: SweepSettings, base: dict, data, encoder_states, co
     return tune.with_resources(bound, resources)
 
 
+def mend_process_reuse(settings: SweepSettings) -> None:
+    """With process reuse on, Tune's reuse mended in this driver (``search.actor_reuse``), for a new sweep and a resumed one."""
+    if settings.reuse_actors:
+        from search.actor_reuse import keep_starting_processes
+
+        keep_starting_processes()
+
+
 def make_tuner(settings: SweepSettings, space: SearchSpace, trainable, max_concurrent: int, callbacks: list,
                storage_url: str | None = None):
     from ray import tune
 
-    from search.actor_reuse import keep_starting_processes
     from search.checkpoints import ContinueFromSavedCheckpoint, RecordTrialEnds
     from search.studysearch import StudyCallback
 
-    if settings.reuse_actors:
-        keep_starting_processes()
+    mend_process_reuse(settings)
 
     # pickled with the experiment, so a --resume runs them too. In this order: a trial's end is on the
     # storage before the study and trials.csv are told, and on a resume's first step the trials that
@@ -180,8 +186,5 @@ def make_tuner(settings: SweepSettings, space: SearchSpace, trainable, max_concu
 def restore_tuner(settings: SweepSettings, trainable):
     from ray import tune
 
-    from search.actor_reuse import keep_starting_processes
-
-    if settings.reuse_actors:
-        keep_starting_processes()
+    mend_process_reuse(settings)
     return tune.Tuner.restore(settings.tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
